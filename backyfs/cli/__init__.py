@@ -1,0 +1,1 @@
+"""The command line: argument parsing, output, and mapping errors to exit codes."""

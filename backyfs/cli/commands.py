@@ -1,0 +1,324 @@
+"""The repository commands: init, backup, restore, scrub, ls, show, rm, protect, label, stats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from backyfs.cli.progress import Progress
+from backyfs.config import load_config, open_repository
+from backyfs.errors import BackyfsError
+from backyfs.repository.extents import load_hints
+from backyfs.repository.repo import check_volume_name
+
+
+class DataProblem(BackyfsError):
+    """Work finished, but found damaged data (exit code 3)."""
+
+
+def _repo(args: argparse.Namespace, **limits: float | None):
+    return open_repository(load_config(args.config), **limits)
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BackyfsError(f"bad label {pair!r}: use key=value")
+        out[key] = value
+    return out
+
+
+def _print_json(data: object) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    repo = open_repository(cfg)
+    print(f"repository ready: data in {cfg.data_dir}, store {repo.store.url}")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from backyfs.repository.writer import BackupWriter
+    from backyfs.sources import open_source
+
+    cfg = load_config(args.config)
+    volume = check_volume_name(args.volume)
+    repo = open_repository(cfg, read_mb_s=None, write_mb_s=args.write_limit)
+    parent = None
+    if args.parent:
+        parent = repo.resolve(args.parent, valid_only=True)
+        if parent.volume != volume:
+            raise BackyfsError(f"parent {parent.uid} belongs to volume {parent.volume}, not {volume}")
+    elif not args.full:
+        parent = repo.latest_valid(volume)
+        if parent is None and (args.incremental or args.hints):
+            raise BackyfsError(f"volume {volume} has no valid version to diff against")
+    hints = load_hints(args.hints) if args.hints else None
+    source = open_source(args.source)
+    if hasattr(source, "prepare"):  # RBD: snapshot now, diff against the parent's snapshot
+        hints = source.prepare(parent, hints)
+    read_limit = args.read_limit if args.read_limit is not None else cfg.read_mb_s
+    writer = BackupWriter(repo, source, volume, parent=parent, hints=hints, labels=_labels(args.label),
+                          block_size=cfg.block_size, threads=cfg.threads, read_limit=read_limit * 1e6,
+                          snapshot=getattr(source, "snapshot", None),
+                          progress=Progress(f"backup {volume}", enabled=None if not args.json else False))
+    version = writer.run()
+    if writer.resumed:
+        print(f"backyfs: resumed the pending version {writer.resumed}", file=sys.stderr)
+    if hasattr(source, "finish"):
+        source.finish(version, parent)
+    if args.json:
+        _print_json({"uid": version.uid, "volume": volume, "parent": version.parent, **version.stats})
+    else:
+        st = version.stats
+        kind = "differential" if parent else "full"
+        print(f"{version.uid}  {kind} backup of {volume}: {st['bytes_total'] / 2**20:,.1f} MiB, "
+              f"read {st['bytes_read'] / 2**20:,.1f} MiB, stored {st['bytes_stored'] / 2**20:,.1f} MiB "
+              f"in {st['seconds']:.2f} s")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from backyfs.repository.restore import RestoreFailed, restore
+    from backyfs.sources import open_target
+
+    repo = _repo(args)
+    version = repo.resolve(args.version)
+    if version.state == "pending":
+        raise BackyfsError(f"version {version.uid} is pending (an unfinished backup): nothing to restore")
+    target = open_target(args.target, version.size, force=args.force, sparse=args.sparse)
+    try:
+        result = restore(repo, version, target, threads=load_config(args.config).threads,
+                         progress=Progress(f"restore {version.uid}"))
+    except RestoreFailed as exc:
+        for line in exc.result.errors:
+            print(f"backyfs: {line}", file=sys.stderr)
+        raise DataProblem(str(exc)) from None
+    if args.json:
+        _print_json({"uid": version.uid, **result.__dict__})
+    else:
+        print(f"restored {version.uid} to {args.target}: {version.size / 2**20:,.1f} MiB "
+              f"({result.bytes_written / 2**20:,.1f} MiB data) in {result.seconds:.2f} s")
+    return 0
+
+
+def _scrub_versions(repo, args: argparse.Namespace) -> list:
+    if args.all:
+        return [v for v in repo.db.versions() if v.state != "pending"]
+    if not args.version:
+        raise BackyfsError("name a VERSION or give --all")
+    return [repo.resolve(args.version)]
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    from backyfs.repository.scrub import scrub
+
+    if not 0 < args.percent <= 100:
+        raise BackyfsError("--percent must be in (0, 100]")
+    repo = _repo(args)
+    versions = _scrub_versions(repo, args)
+    deep = args.command == "deep-scrub"
+    result = scrub(repo, versions, deep=deep, percent=args.percent, threads=load_config(args.config).threads,
+                   progress=Progress(args.command, unit="objects"))
+    for line in result.findings:
+        print(f"backyfs: {line}", file=sys.stderr)
+    for uid in result.invalidated:
+        print(f"backyfs: version {uid} marked invalid", file=sys.stderr)
+    for uid in result.revalidated:
+        print(f"version {uid} is valid again")
+    print(f"{args.command}: checked {result.checked} objects of {len(versions)} version(s), "
+          f"{len(result.bad)} bad")
+    if result.bad:
+        raise DataProblem(f"{args.command} found {len(result.bad)} bad object(s)")
+    return 0
+
+
+def _version_row(v) -> dict:
+    return {"uid": v.uid, "volume": v.volume, "state": v.state, "size": v.size,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created)),
+            "parent": v.parent, "protected": v.protected, "labels": v.labels}
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    versions = repo.db.versions(volume=args.volume)
+    rows = [_version_row(v) for v in versions]
+    if args.json:
+        _print_json(rows)
+        return 0
+    fmt = "{:<12}  {:<20}  {:<19}  {:<7}  {:>10}  {:<12}  {}"
+    print(fmt.format("UID", "VOLUME", "CREATED", "STATE", "SIZE", "PARENT", "LABELS"))
+    for r in rows:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items()))
+        flag = "P" if r["protected"] else ""
+        print(fmt.format(r["uid"], r["volume"][:20], r["created"], r["state"] + flag,
+                         _human(r["size"]), r["parent"] or "-", labels))
+    return 0
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return str(size)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    version = repo.resolve(args.version)
+    data = version.to_json()
+    try:
+        blockmap = repo.blockmap(version)
+        data["blocks_allocated"] = len(blockmap)
+    except BackyfsError:
+        data["blocks_allocated"] = None
+    if args.json:
+        _print_json(data)
+    else:
+        for key, value in data.items():
+            print(f"{key:>16}: {value}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    version = repo.resolve(args.version)
+    if version.uid != args.version and not args.version.startswith(version.uid[:4]):
+        raise BackyfsError(f"rm needs a version uid, not a volume name ({args.version!r})")
+    repo.delete_version(version, force=args.force)
+    print(f"removed version {version.uid} of {version.volume}")
+    return 0
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    version = repo.resolve(args.version)
+    repo.db.update_version(version.uid, protected=args.command == "protect")
+    repo.save_version(version)
+    print(f"version {version.uid} {'protected' if args.command == 'protect' else 'unprotected'}")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    version = repo.resolve(args.version)
+    repo.db.set_labels(version.uid, _labels(args.labels), remove=args.remove or [])
+    repo.save_version(version)
+    print(json.dumps(repo.db.get_version(version.uid).labels, sort_keys=True))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    versions = repo.db.versions()
+    data = {"versions": len(versions), "volumes": len({v.volume for v in versions}),
+            "logical_bytes": sum(v.size for v in versions), **repo.db.block_stats(),
+            "store": repo.store.url}
+    if args.json:
+        _print_json(data)
+    else:
+        for key, value in data.items():
+            print(f"{key:>14}: {value}")
+    return 0
+
+
+def cmd_rebuild_db(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    if repo.db.versions():
+        raise BackyfsError(f"{repo.db.path} is not empty; move it aside to rebuild it from the store")
+    result = repo.rebuild_db()
+    print(f"rebuilt {repo.db.path}: {result['versions']} versions, {result['objects']} objects")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    def add(name: str, func, help_text: str, description: str = "") -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=description or help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    add("init", cmd_init, "create the data directory, store and metadata database")
+
+    p = add("backup", cmd_backup, "back up a disk image, block device or RBD image", BACKUP_HELP)
+    p.add_argument("source", metavar="SOURCE", help="image file, block device, or rbd:POOL/IMAGE")
+    p.add_argument("volume", metavar="VOLUME", help="volume name the versions are filed under")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--parent", metavar="VERSION", help="diff against this version")
+    mode.add_argument("--incremental", action="store_true",
+                      help="diff against the volume's latest valid version; fail if there is none")
+    mode.add_argument("--full", action="store_true", help="do not diff against any parent")
+    p.add_argument("--hints", metavar="FILE", help="read only these extents (rbd diff --format json)")
+    p.add_argument("--label", metavar="KEY=VALUE", action="append", help="label the version (repeatable)")
+    p.add_argument("--read-limit", type=float, metavar="MB/S", help="cap reads from the source")
+    p.add_argument("--write-limit", type=float, metavar="MB/S", help="cap writes to the store")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of a line")
+
+    p = add("restore", cmd_restore, "restore a version to a file, block device or RBD image", RESTORE_HELP)
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("target", metavar="TARGET", help="file, block device, or rbd:POOL/IMAGE")
+    p.add_argument("--force", action="store_true", help="overwrite an existing target")
+    p.add_argument("--sparse", action="store_true",
+                   help="a block device target already reads as zeros: skip zero blocks")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+
+    for name, deep in (("scrub", False), ("deep-scrub", True)):
+        p = add(name, cmd_scrub, "read and hash every object" if deep else
+                "check that every object exists with the right size", SCRUB_HELP)
+        p.add_argument("version", metavar="VERSION", nargs="?")
+        p.add_argument("--all", action="store_true", help="every version")
+        p.add_argument("--percent", type=float, default=100.0, metavar="P",
+                       help="check a random P%% of the objects (default 100)")
+
+    p = add("ls", cmd_ls, "list versions")
+    p.add_argument("volume", metavar="VOLUME", nargs="?", help="only this volume")
+    p.add_argument("--json", action="store_true")
+    p = add("show", cmd_show, "show one version's metadata")
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--json", action="store_true")
+    p = add("rm", cmd_rm, "remove a version (its blocks stay until garbage collection)")
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--force", action="store_true", help="remove even a protected version")
+    for name in ("protect", "unprotect"):
+        add(name, cmd_protect, f"{name} a version against rm").add_argument("version", metavar="VERSION")
+    p = add("label", cmd_label, "set or remove labels of a version")
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("labels", metavar="KEY=VALUE", nargs="*")
+    p.add_argument("--remove", metavar="KEY", action="append")
+    p = add("stats", cmd_stats, "repository totals")
+    p.add_argument("--json", action="store_true")
+    add("rebuild-db", cmd_rebuild_db, "rebuild an empty metadata database from the store alone")
+
+
+BACKUP_HELP = """\
+Back up SOURCE as a new version of VOLUME.
+
+The first backup of a volume reads every allocated block (holes of sparse files are skipped
+without reading them; zero blocks are never stored). Later backups are forward differentials on
+the volume's latest valid version (or --parent): unchanged blocks are deduplicated by digest.
+With --hints (the JSON of 'rbd diff --format json') only the hinted extents are read, and a small
+random sample of the other blocks is re-read to catch a wrong diff. RBD sources (rbd:POOL/IMAGE)
+take a snapshot and diff against the parent's snapshot by themselves.
+
+A version turns valid only when all its blocks are durable. An interrupted backup leaves it
+pending; running the same backup again resumes it."""
+
+RESTORE_HELP = """\
+Restore VERSION to TARGET in parallel. Every block is checked against its digest. A missing or
+corrupt block is reported with its block index and byte offset, the rest is still restored, and
+the exit code is 3. A new or overwritten file is written sparse."""
+
+SCRUB_HELP = """\
+scrub checks that each object the version(s) reference exists with the recorded size;
+deep-scrub reads, decodes and hashes each one. Bad objects are named with the versions, block
+indices and offsets that use them, and those versions are marked invalid (exit code 3). Backing
+up the same data again writes a good copy and heals them; a later full scrub marks the
+versions valid again."""

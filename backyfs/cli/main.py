@@ -1,0 +1,78 @@
+"""backyfs command line entry point: builds the parser from the command modules, maps errors to exits.
+
+Exit codes: 0 success, 1 error, 2 usage error, 3 data problems found (restore incomplete, scrub
+found bad blocks), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from backyfs import __version__
+from backyfs.cli import commands
+from backyfs.errors import BackyfsError
+
+EXIT_ERROR, EXIT_USAGE, EXIT_DATA, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+DESCRIPTION = """\
+Block-based, deduplicating backups of VM disks (image files, block devices, Ceph RBD images).
+Every version can be restored, scrubbed, served as a block device over NBD, or mounted.
+
+Versions are named by their uid (12 hex digits, or a unique prefix of 4+), or by a volume name,
+which means that volume's latest valid version."""
+
+EPILOG = """\
+configuration: --config FILE, else $BACKYFS_CONFIG, else the embedded default: everything in
+$BACKYFS_DATA_DIR (default /var/lib/backyfs as root, ~/.local/share/backyfs otherwise).
+Run 'backyfs COMMAND --help' for the options of a command."""
+
+# Command modules each add their subcommands; later fronts (serve, mount) append themselves here.
+COMMAND_MODULES = [commands]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="backyfs", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (default: $BACKYFS_CONFIG)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
+    parser.add_argument("--version", action="version", version=f"backyfs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    for module_name in ("backyfs.cli.serve", "backyfs.cli.mount", "backyfs.cli.files"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="backyfs: %(levelname)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except commands.DataProblem as exc:
+        print(f"backyfs: {exc}", file=sys.stderr)
+        return EXIT_DATA
+    except BackyfsError as exc:
+        print(f"backyfs: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("backyfs: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"backyfs: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

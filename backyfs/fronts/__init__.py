@@ -1,0 +1,1 @@
+"""Fronts: thin adapters (FUSE) over the export core."""

@@ -1,0 +1,1 @@
+"""Metadata: the SQLite index of versions, labels, block maps and known objects."""

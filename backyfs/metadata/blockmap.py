@@ -1,0 +1,84 @@
+"""A version's block map: which digest each allocated block has.
+
+Held as two parallel arrays, sorted block indices (uint64) and 32-byte digests, so a lookup is a
+binary search in memory and the serialized form is 40 bytes per allocated block. Blocks that are
+absent are holes or zeros and read as zeros.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping
+
+from backyfs.errors import CorruptObject
+
+DIGEST_SIZE = 32
+_MAGIC = b"BKYMAP01"
+_HEADER = struct.Struct("<8sQQQ")  # magic, volume size, block size, entry count
+
+
+class BlockMap:
+    def __init__(self, size: int, block_size: int, indices: array, digests: bytes) -> None:
+        if len(digests) != len(indices) * DIGEST_SIZE:
+            raise ValueError("digests do not match indices")
+        self.size = size
+        self.block_size = block_size
+        self.indices = indices
+        self.digests = digests
+
+    @classmethod
+    def from_mapping(cls, size: int, block_size: int, blocks: Mapping[int, bytes]) -> BlockMap:
+        order = sorted(blocks)
+        return cls(size, block_size, array("Q", order), b"".join(blocks[i] for i in order))
+
+    @classmethod
+    def empty(cls, size: int, block_size: int) -> BlockMap:
+        return cls(size, block_size, array("Q"), b"")
+
+    @property
+    def block_count(self) -> int:
+        """Blocks the volume spans, the last one possibly partial."""
+        return -(-self.size // self.block_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def lookup(self, block_idx: int) -> bytes | None:
+        pos = bisect_left(self.indices, block_idx)
+        if pos < len(self.indices) and self.indices[pos] == block_idx:
+            return self.digests[pos * DIGEST_SIZE : (pos + 1) * DIGEST_SIZE]
+        return None
+
+    def items(self) -> Iterator[tuple[int, bytes]]:
+        for pos, block_idx in enumerate(self.indices):
+            yield block_idx, self.digests[pos * DIGEST_SIZE : (pos + 1) * DIGEST_SIZE]
+
+    def to_dict(self) -> dict[int, bytes]:
+        return dict(self.items())
+
+    def digest_set(self) -> set[bytes]:
+        d = self.digests
+        return {d[p : p + DIGEST_SIZE] for p in range(0, len(d), DIGEST_SIZE)}
+
+    def block_length(self, block_idx: int) -> int:
+        """Bytes of the volume in this block: block_size except for a partial last block."""
+        return min(self.block_size, self.size - block_idx * self.block_size)
+
+    def to_bytes(self) -> bytes:
+        return _HEADER.pack(_MAGIC, self.size, self.block_size, len(self.indices)) + \
+            self.indices.tobytes() + self.digests
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> BlockMap:
+        if len(data) < _HEADER.size:
+            raise CorruptObject("block map is truncated")
+        magic, size, block_size, count = _HEADER.unpack_from(data)
+        if magic != _MAGIC or len(data) != _HEADER.size + count * (8 + DIGEST_SIZE):
+            raise CorruptObject("block map is corrupt or truncated")
+        indices = array("Q")
+        start = _HEADER.size
+        indices.frombytes(data[start : start + 8 * count])
+        digests = bytes(data[start + 8 * count :])
+        return cls(size, block_size, indices, digests)

@@ -1,0 +1,192 @@
+"""The metadata database: versions, labels, block maps and the index of durable objects."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import sqlite_utils
+
+from backyfs.errors import BackyfsError, NotFound, StateError
+from backyfs.metadata.blockmap import BlockMap
+from backyfs.metadata.schema import SCHEMA_VERSION, create_tables
+
+STATES = ("pending", "valid", "invalid")
+
+
+@dataclass
+class Version:
+    uid: str
+    volume: str
+    created: float
+    size: int
+    block_size: int
+    state: str = "pending"
+    parent: str | None = None
+    protected: bool = False
+    snapshot: str | None = None
+    stats: dict = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Version:
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class MetadataDB:
+    """SQLite through sqlite-utils. One connection shared by threads under a lock: metadata calls are
+    few and small; the hot paths (block lookups, dedup) run on in-memory structures."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise BackyfsError(f"cannot open metadata database {path}: {exc}") from None
+        if version > SCHEMA_VERSION:
+            raise BackyfsError(f"{path} has schema version {version}; this backyfs knows {SCHEMA_VERSION}")
+        os.chmod(path, 0o600)
+        self.lock = threading.RLock()
+        self.db = sqlite_utils.Database(conn)
+        with self.lock:
+            create_tables(conn)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def _rows(self, sql: str, params: Iterable = ()) -> list[dict]:
+        with self.lock:
+            return list(self.db.query(sql, list(params)))
+
+    # --- versions -------------------------------------------------------------------------
+    def add_version(self, version: Version) -> None:
+        with self.lock, self.db.conn:
+            row = asdict(version)
+            labels = row.pop("labels")
+            row["stats"] = json.dumps(row["stats"])
+            row["protected"] = int(row["protected"])
+            self.db["versions"].insert(row)
+            self._set_labels(version.uid, labels)
+
+    def _set_labels(self, uid: str, labels: dict[str, str]) -> None:
+        rows = [{"version_uid": uid, "key": k, "value": v} for k, v in labels.items()]
+        if rows:
+            self.db["labels"].upsert_all(rows, pk=("version_uid", "key"))
+
+    def _version(self, row: dict) -> Version:
+        labels = {r["key"]: r["value"] for r in self._rows(
+            "SELECT key, value FROM labels WHERE version_uid = ?", [row["uid"]])}
+        return Version(uid=row["uid"], volume=row["volume"], created=row["created"], size=row["size"],
+                       block_size=row["block_size"], state=row["state"], parent=row["parent"],
+                       protected=bool(row["protected"]), snapshot=row["snapshot"],
+                       stats=json.loads(row["stats"]), labels=labels)
+
+    def get_version(self, uid: str) -> Version:
+        rows = self._rows("SELECT * FROM versions WHERE uid = ?", [uid])
+        if not rows:
+            raise NotFound(f"unknown version {uid!r}")
+        return self._version(rows[0])
+
+    def versions(self, volume: str | None = None, state: str | None = None) -> list[Version]:
+        sql, params = "SELECT * FROM versions WHERE 1", []
+        if volume is not None:
+            sql, params = sql + " AND volume = ?", params + [volume]
+        if state is not None:
+            sql, params = sql + " AND state = ?", params + [state]
+        return [self._version(r) for r in self._rows(sql + " ORDER BY created, uid", params)]
+
+    def find_uids(self, prefix: str) -> list[str]:
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        return [r["uid"] for r in self._rows(
+            "SELECT uid FROM versions WHERE uid LIKE ? ESCAPE '\\'", [escaped + "%"])]
+
+    def update_version(self, uid: str, **fields: object) -> None:
+        if "stats" in fields:
+            fields["stats"] = json.dumps(fields["stats"])
+        if "protected" in fields:
+            fields["protected"] = int(bool(fields["protected"]))
+        if fields.get("state", "valid") not in STATES:
+            raise ValueError(f"bad state {fields['state']}")
+        with self.lock, self.db.conn:
+            self.db["versions"].update(uid, fields)
+
+    def set_labels(self, uid: str, labels: dict[str, str], remove: Iterable[str] = ()) -> None:
+        with self.lock, self.db.conn:
+            self._set_labels(uid, labels)
+            for key in remove:
+                self.db.conn.execute("DELETE FROM labels WHERE version_uid = ? AND key = ?", (uid, key))
+
+    def delete_version(self, uid: str, force: bool = False) -> None:
+        version = self.get_version(uid)
+        if version.protected and not force:
+            raise StateError(f"version {uid} is protected; unprotect it first")
+        with self.lock, self.db.conn:
+            self.db.conn.execute("UPDATE versions SET parent = NULL WHERE parent = ?", (uid,))
+            self.db.conn.execute("DELETE FROM versions WHERE uid = ?", (uid,))
+
+    # --- block maps -----------------------------------------------------------------------
+    def put_blockmap(self, uid: str, blockmap: BlockMap) -> None:
+        with self.lock, self.db.conn:
+            self.db["blockmaps"].upsert({"version_uid": uid, "data": blockmap.to_bytes()}, pk="version_uid")
+
+    def get_blockmap(self, uid: str) -> BlockMap:
+        rows = self._rows("SELECT data FROM blockmaps WHERE version_uid = ?", [uid])
+        if not rows:
+            raise NotFound(f"version {uid} has no block map")
+        return BlockMap.from_bytes(rows[0]["data"])
+
+    # --- known objects --------------------------------------------------------------------
+    def add_blocks(self, blocks: Iterable[tuple[bytes, int]]) -> None:
+        """Record (digest, stored size) pairs of objects that are durable in the store."""
+        now = time.time()
+        with self.lock, self.db.conn:
+            self.db.conn.executemany(
+                "INSERT INTO blocks (digest, stored_size, added, state) VALUES (?, ?, ?, 'ok') "
+                "ON CONFLICT (digest) DO UPDATE SET stored_size = excluded.stored_size, state = 'ok'",
+                [(d, s, now) for d, s in blocks])
+
+    def known_digests(self) -> set[bytes]:
+        with self.lock:
+            return {r[0] for r in self.db.conn.execute("SELECT digest FROM blocks WHERE state = 'ok'")}
+
+    def block_info(self, digests: Iterable[bytes]) -> dict[bytes, tuple[int, str]]:
+        out: dict[bytes, tuple[int, str]] = {}
+        batch = list(digests)
+        with self.lock:
+            for start in range(0, len(batch), 500):
+                chunk = batch[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for d, size, state in self.db.conn.execute(
+                        f"SELECT digest, stored_size, state FROM blocks WHERE digest IN ({marks})", chunk):
+                    out[d] = (size, state)
+        return out
+
+    def mark_blocks(self, digests: Iterable[bytes], state: str) -> None:
+        now = time.time()
+        with self.lock, self.db.conn:
+            self.db.conn.executemany("UPDATE blocks SET state = ?, checked = ? WHERE digest = ?",
+                                     [(state, now, d) for d in digests])
+
+    def delete_blocks(self, digests: Iterable[bytes]) -> None:
+        with self.lock, self.db.conn:
+            self.db.conn.executemany("DELETE FROM blocks WHERE digest = ?", [(d,) for d in digests])
+
+    def block_stats(self) -> dict:
+        with self.lock:
+            count, total = self.db.conn.execute(
+                "SELECT count(*), coalesce(sum(stored_size), 0) FROM blocks").fetchone()
+        return {"objects": count, "stored_bytes": total}

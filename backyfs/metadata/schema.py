@@ -1,0 +1,62 @@
+"""The SQLite schema: the truth about the data, in one function.
+
+The database is an index of the store. Everything in it can be rebuilt from the store's
+``versions/<uid>/meta.json`` and ``versions/<uid>/blockmap`` objects and its ``blocks/`` listing
+(``backyfs rebuild-db``), so losing it loses no backup.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA_VERSION = 1
+
+
+def create_tables(conn: sqlite3.Connection) -> None:
+    conn.executescript(
+        """
+        -- One row per backup version of a volume. A version is usable only in state 'valid':
+        -- every block its map references was durable in the store before the state changed.
+        CREATE TABLE IF NOT EXISTS versions (
+            uid         TEXT PRIMARY KEY,           -- random, 12 hex digits; the export name
+            volume      TEXT NOT NULL,              -- what was backed up, e.g. "vm1-root"
+            created     REAL NOT NULL,              -- unix time the backup started
+            parent      TEXT REFERENCES versions(uid) ON DELETE SET NULL,  -- differential base
+            size        INTEGER NOT NULL,           -- volume size in bytes (need not be block-aligned)
+            block_size  INTEGER NOT NULL,           -- bytes per block, fixed for the version
+            state       TEXT NOT NULL CHECK (state IN ('pending', 'valid', 'invalid')),
+            protected   INTEGER NOT NULL DEFAULT 0, -- 1: rm refuses it
+            snapshot    TEXT,                       -- source snapshot name (RBD), for the next diff
+            stats       TEXT NOT NULL DEFAULT '{}'  -- JSON summary of the backup run
+        );
+        CREATE INDEX IF NOT EXISTS versions_by_volume ON versions (volume, created);
+
+        -- key=value labels of a version (retention policies and people select by them).
+        CREATE TABLE IF NOT EXISTS labels (
+            version_uid TEXT NOT NULL REFERENCES versions(uid) ON DELETE CASCADE,
+            key         TEXT NOT NULL,
+            value       TEXT NOT NULL,
+            PRIMARY KEY (version_uid, key)
+        );
+
+        -- The block map of a version: a compact sorted array (see metadata/blockmap.py) of
+        -- (block index, digest) for allocated, non-zero blocks only, so its size grows with the
+        -- data, not with the volume size. Lookups happen in memory, never one query per block.
+        CREATE TABLE IF NOT EXISTS blockmaps (
+            version_uid TEXT PRIMARY KEY REFERENCES versions(uid) ON DELETE CASCADE,
+            data        BLOB NOT NULL
+        );
+
+        -- Objects known to be durable in the store, keyed by the blake2b-256 digest of the
+        -- plaintext block. A row is added only after the object was flushed, so the dedup index
+        -- never points at a block a crash could have lost.
+        CREATE TABLE IF NOT EXISTS blocks (
+            digest      BLOB PRIMARY KEY,           -- 32 bytes
+            stored_size INTEGER NOT NULL,           -- encoded object size (header + payload)
+            added       REAL NOT NULL,              -- unix time it was recorded
+            state       TEXT NOT NULL DEFAULT 'ok' CHECK (state IN ('ok', 'missing', 'corrupt')),
+            checked     REAL                        -- last (deep-)scrub, unix time
+        ) WITHOUT ROWID;
+        """
+    )
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -1,0 +1,157 @@
+"""Repository: reads and writes verified blocks, resolves versions, mirrors metadata into the store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+
+from backyfs.errors import BackyfsError, CorruptObject, NotFound, ObjectMissing
+from backyfs.metadata.blockmap import BlockMap
+from backyfs.metadata.db import MetadataDB, Version
+from backyfs.storage import codec
+from backyfs.storage.base import ObjectStore
+
+DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
+_VOLUME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_UID_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+def block_digest(data: bytes | memoryview) -> bytes:
+    # hashlib releases the GIL for buffers over 2 KiB, so hashing threads run in parallel.
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def block_key(digest: bytes) -> str:
+    hexd = digest.hex()
+    return f"blocks/{hexd[:2]}/{hexd}"
+
+
+def digest_from_key(key: str) -> bytes | None:
+    name = key.rsplit("/", 1)[-1]
+    if key.startswith("blocks/") and len(name) == 64:
+        try:
+            return bytes.fromhex(name)
+        except ValueError:
+            return None
+    return None
+
+
+def check_volume_name(volume: str) -> str:
+    if not _VOLUME_RE.match(volume) or _UID_RE.match(volume):
+        raise BackyfsError(f"invalid volume name {volume!r}: use letters, digits, '.', '_' and '-' "
+                           "(up to 128, not 12 hex digits, which look like a version uid)")
+    return volume
+
+
+def new_uid() -> str:
+    return secrets.token_hex(6)
+
+
+class Repository:
+    def __init__(self, store: ObjectStore, db: MetadataDB, compression_level: int = 1) -> None:
+        self.store = store
+        self.db = db
+        self.compression_level = compression_level
+
+    def close(self) -> None:
+        self.store.close()
+        self.db.close()
+
+    # --- blocks ---------------------------------------------------------------------------
+    def write_block(self, digest: bytes, data: bytes | memoryview) -> int:
+        """Store a block under its digest; return the stored object size."""
+        obj = codec.encode(data, self.compression_level)
+        self.store.put(block_key(digest), obj)
+        return len(obj)
+
+    def read_block(self, digest: bytes) -> bytes:
+        """Fetch a block and check it against its digest (CorruptObject / ObjectMissing otherwise)."""
+        key = block_key(digest)
+        try:
+            data = codec.decode(self.store.get(key), key)
+        except ObjectMissing:
+            raise ObjectMissing(f"block {digest.hex()[:16]} is missing from the store") from None
+        if block_digest(data) != digest:
+            raise CorruptObject(f"block {digest.hex()[:16]} is corrupt: content does not match its digest")
+        return data
+
+    # --- versions -------------------------------------------------------------------------
+    def resolve(self, spec: str, valid_only: bool = False) -> Version:
+        """A version by uid, unique uid prefix (4+ digits), or volume name (its latest valid version)."""
+        spec = spec.strip()
+        if not spec or len(spec) > 256:
+            raise NotFound(f"unknown version {spec!r}")
+        uids = [spec] if _UID_RE.match(spec) else []
+        if not uids and len(spec) >= 4 and re.fullmatch(r"[0-9a-f]+", spec):
+            uids = self.db.find_uids(spec)
+            if len(uids) > 1:
+                raise NotFound(f"version prefix {spec!r} is ambiguous: {', '.join(sorted(uids)[:5])}")
+        if uids:
+            try:
+                version = self.db.get_version(uids[0])
+            except NotFound:
+                version = None
+            if version is not None:
+                if valid_only and version.state != "valid":
+                    raise NotFound(f"version {version.uid} is {version.state}, not valid")
+                return version
+        latest = self.latest_valid(spec)
+        if latest is None:
+            raise NotFound(f"unknown version or volume {spec!r}")
+        return latest
+
+    def latest_valid(self, volume: str) -> Version | None:
+        versions = self.db.versions(volume=volume, state="valid")
+        return versions[-1] if versions else None
+
+    def blockmap(self, version: Version) -> BlockMap:
+        return self.db.get_blockmap(version.uid)
+
+    def save_version(self, version: Version, blockmap: BlockMap | None = None) -> None:
+        """Mirror a version into the store so the store alone can restore everything."""
+        if blockmap is not None:
+            self.db.put_blockmap(version.uid, blockmap)
+            self.store.put(f"versions/{version.uid}/blockmap", codec.encode(blockmap.to_bytes()))
+        fresh = self.db.get_version(version.uid)
+        meta = json.dumps(fresh.to_json(), sort_keys=True).encode()
+        self.store.put(f"versions/{version.uid}/meta.json", codec.encode(meta))
+
+    def set_state(self, version: Version, state: str) -> None:
+        self.db.update_version(version.uid, state=state)
+        version.state = state
+        self.save_version(version)
+
+    def delete_version(self, version: Version, force: bool = False) -> None:
+        self.db.delete_version(version.uid, force=force)
+        for name in ("meta.json", "blockmap"):
+            self.store.delete(f"versions/{version.uid}/{name}")
+
+    # --- rebuild --------------------------------------------------------------------------
+    def rebuild_db(self) -> dict:
+        """Fill an empty DB from the store: versions, block maps, and the object index."""
+        uids = sorted({k.split("/")[1] for k in self.store.list("versions/") if k.count("/") == 2})
+        versions: list[tuple[Version, BlockMap]] = []
+        for uid in uids:
+            try:
+                meta = json.loads(codec.decode(self.store.get(f"versions/{uid}/meta.json")))
+                blockmap = BlockMap.from_bytes(codec.decode(self.store.get(f"versions/{uid}/blockmap")))
+            except (ObjectMissing, CorruptObject, ValueError) as exc:
+                raise BackyfsError(f"cannot rebuild version {uid}: {exc}") from None
+            versions.append((Version.from_json(meta), blockmap))
+        # Parents first, so foreign keys hold.
+        versions.sort(key=lambda vb: vb[0].created)
+        known = {v.uid for v, _ in versions}
+        for version, blockmap in versions:
+            if version.parent not in known:
+                version.parent = None
+            self.db.add_version(version)
+            self.db.put_blockmap(version.uid, blockmap)
+        blocks = []
+        for key in self.store.list("blocks/"):
+            digest = digest_from_key(key)
+            if digest is not None:
+                blocks.append((digest, self.store.size(key)))
+        self.db.add_blocks(blocks)
+        return {"versions": len(versions), "objects": len(blocks)}

@@ -1,0 +1,116 @@
+"""Restore a version to a target in parallel, verifying every block against its digest.
+
+A missing or corrupt block does not stop the restore: it is named (block index and byte offset),
+its range is left as zeros, the rest is restored, and the caller gets a non-zero result.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from backyfs.errors import BackyfsError, CorruptObject, ObjectMissing
+from backyfs.metadata.blockmap import BlockMap
+from backyfs.metadata.db import Version
+from backyfs.repository.repo import Repository
+
+
+class RestoreTarget(Protocol):
+    #: True when unwritten ranges already read as zeros (a new or truncated file, a fresh RBD image)
+    zeroed: bool
+
+    def pwrite(self, offset: int, data: bytes) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int) -> None: ...
+
+    def finish(self) -> None:
+        """Flush and close; called once after every block was written."""
+        ...
+
+
+@dataclass
+class RestoreResult:
+    bytes_written: int = 0
+    bytes_zero: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+class RestoreFailed(BackyfsError):
+    def __init__(self, result: RestoreResult) -> None:
+        first = result.errors[0]
+        more = f" (and {len(result.errors) - 1} more)" if len(result.errors) > 1 else ""
+        super().__init__(f"restore incomplete: {first}{more}")
+        self.result = result
+
+
+def restore(repo: Repository, version: Version, target: RestoreTarget, *, threads: int = 4,
+            progress: Callable[[int, int], None] | None = None) -> RestoreResult:
+    import time
+
+    started = time.monotonic()
+    blockmap = repo.blockmap(version)
+    result = RestoreResult()
+    lock = threading.Lock()
+    done = [0]
+
+    def one(block_idx: int, digest: bytes | None) -> None:
+        offset = block_idx * blockmap.block_size
+        length = blockmap.block_length(block_idx)
+        if digest is None:
+            if not target.zeroed:
+                target.write_zeroes(offset, length)
+        else:
+            try:
+                data = repo.read_block(digest)
+                if len(data) != length:
+                    raise CorruptObject(f"block {digest.hex()[:16]} has {len(data)} bytes, expected {length}")
+                target.pwrite(offset, data)
+            except (ObjectMissing, CorruptObject) as exc:
+                with lock:
+                    result.errors.append(f"block {block_idx} at offset {offset}: {exc}")
+                if not target.zeroed:
+                    target.write_zeroes(offset, length)
+                length = 0
+        with lock:
+            if digest is None:
+                result.bytes_zero += blockmap.block_length(block_idx)
+            result.bytes_written += length
+            done[0] += blockmap.block_length(block_idx)
+            if progress:
+                progress(done[0], blockmap.size)
+
+    _run_parallel(one, _all_blocks(blockmap, target.zeroed), threads)
+    target.finish()
+    result.seconds = round(time.monotonic() - started, 3)
+    if result.errors:
+        raise RestoreFailed(result)
+    return result
+
+
+def _all_blocks(blockmap: BlockMap, zeroed: bool):
+    """(block_idx, digest or None) for stored blocks, plus zero blocks when the target needs them."""
+    if zeroed:
+        yield from blockmap.items()
+        return
+    for block_idx in range(blockmap.block_count):
+        yield block_idx, blockmap.lookup(block_idx)
+
+
+def _run_parallel(func, items, threads: int) -> None:
+    """Run func(*item) on a pool with a bounded number of items in flight (bounded memory)."""
+    gate = threading.Semaphore(threads * 2)
+    futures = []
+    with ThreadPoolExecutor(threads, thread_name_prefix="restore") as pool:
+        for item in items:
+            gate.acquire()
+            fut = pool.submit(func, *item)
+            fut.add_done_callback(lambda _f: gate.release())
+            futures.append(fut)
+            if len(futures) > 256:
+                futures = [f for f in futures if not f.done() or f.result()]
+        for fut in futures:
+            fut.result()

@@ -1,0 +1,97 @@
+"""Scrub (objects exist with the right size) and deep-scrub (objects decode and match their digest).
+
+Bad objects are marked in the block index and every version that references one turns invalid.
+A version already invalid whose blocks all check out again (a good copy was written, e.g. by the
+next backup of the same data) turns valid again after a full scrub.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from backyfs.errors import CorruptObject, NotFound, ObjectMissing, StoreUnavailable
+from backyfs.metadata.db import Version
+from backyfs.repository.repo import Repository, block_key
+from backyfs.repository.restore import _run_parallel
+
+
+@dataclass
+class ScrubResult:
+    checked: int = 0
+    bad: dict[bytes, str] = field(default_factory=dict)  # digest -> reason
+    invalidated: list[str] = field(default_factory=list)
+    revalidated: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)    # "version V block N at offset O: reason"
+
+
+def scrub(repo: Repository, versions: list[Version], *, deep: bool, percent: float = 100.0,
+          threads: int = 4, progress: Callable[[int, int], None] | None = None) -> ScrubResult:
+    maps = {}
+    for version in versions:
+        try:
+            maps[version.uid] = repo.blockmap(version)
+        except NotFound:  # a failed backup that never got a map: nothing to check
+            pass
+    versions = [v for v in versions if v.uid in maps]
+    digests = sorted({d for bm in maps.values() for _, d in bm.items()})
+    if percent < 100:
+        digests = random.sample(digests, max(1, round(len(digests) * percent / 100))) if digests else []
+    sizes = repo.db.block_info(digests)
+    result = ScrubResult()
+    lock = threading.Lock()
+
+    def check(digest: bytes) -> None:
+        reason = _check_one(repo, digest, sizes.get(digest, (None, None))[0], deep)
+        with lock:
+            result.checked += 1
+            if reason:
+                result.bad[digest] = reason
+            if progress:
+                progress(result.checked, len(digests))
+
+    _run_parallel(check, ((d,) for d in digests), threads)
+    _record(repo, versions, maps, result, deep, full=percent >= 100)
+    return result
+
+
+def _check_one(repo: Repository, digest: bytes, expected_size: int | None, deep: bool) -> str | None:
+    key = block_key(digest)
+    try:
+        if deep:
+            repo.read_block(digest)
+            return None
+        size = repo.store.size(key)
+    except ObjectMissing:
+        return "missing"
+    except CorruptObject as exc:
+        return f"corrupt ({str(exc).split(': ', 1)[-1]})"
+    except StoreUnavailable:
+        raise
+    if expected_size is None:
+        return "not in the block index"
+    if size != expected_size:
+        return f"size {size}, expected {expected_size}"
+    return None
+
+
+def _record(repo: Repository, versions: list[Version], maps: dict, result: ScrubResult,
+            deep: bool, full: bool) -> None:
+    missing = [d for d, why in result.bad.items() if why == "missing"]
+    corrupt = [d for d, why in result.bad.items() if why != "missing"]
+    repo.db.mark_blocks(missing, "missing")
+    repo.db.mark_blocks(corrupt, "corrupt")
+    for version in versions:
+        blockmap = maps[version.uid]
+        hits = [(i, d) for i, d in blockmap.items() if d in result.bad]
+        for block_idx, digest in hits:
+            result.findings.append(f"version {version.uid} block {block_idx} at offset "
+                                   f"{block_idx * blockmap.block_size}: {result.bad[digest]}")
+        if hits and version.state == "valid":
+            repo.set_state(version, "invalid")
+            result.invalidated.append(version.uid)
+        elif not hits and full and version.state == "invalid":
+            repo.set_state(version, "valid")
+            result.revalidated.append(version.uid)

@@ -1,0 +1,246 @@
+"""The backup writer: reads a source block by block, stores new blocks once, builds the block map.
+
+Blocks flow through a thread pool (read, zero test, hash, compress, put) with a bounded number in
+flight, so memory stays at a few blocks per thread. A version turns valid only after every block
+it references was flushed to the store; until then it is pending, and a re-run resumes it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from backyfs.errors import BackyfsError, SourceError
+from backyfs.metadata.blockmap import BlockMap
+from backyfs.metadata.db import Version
+from backyfs.repository.extents import Extent, blocks_touched
+from backyfs.repository.repo import DEFAULT_BLOCK_SIZE, Repository, block_digest, block_key, new_uid
+from backyfs.storage.ratelimit import TokenBucket
+
+CHECKPOINT_SECONDS = 5.0
+
+
+class BackupSource(Protocol):
+    size: int
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+    def data_extents(self) -> Iterable[Extent]:
+        """Ranges that may hold data; everything else is a hole and reads as zeros."""
+        ...
+
+
+class HintsMismatch(BackyfsError):
+    pass
+
+
+@dataclass
+class BackupStats:
+    bytes_total: int = 0      # logical size of the volume
+    bytes_read: int = 0       # read from the source
+    bytes_new: int = 0        # plaintext of blocks stored by this backup
+    bytes_stored: int = 0     # encoded bytes written to the store
+    bytes_dedup: int = 0      # read, but already in the store
+    bytes_sparse: int = 0     # holes and zero blocks: never read or never stored
+    bytes_unchanged: int = 0  # taken from the parent without reading (hints)
+    blocks_sampled: int = 0   # unhinted blocks re-read to check the hints
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Plan:
+    to_read: list[int]                  # block indices to read, ascending
+    base: dict[int, bytes]              # starting block map (parent's, minus what changes)
+    sample: set[int] = field(default_factory=set)  # subset of to_read checked against base
+
+
+class BackupWriter:
+    def __init__(self, repo: Repository, source: BackupSource, volume: str, *,
+                 parent: Version | None = None, hints: list[Extent] | None = None,
+                 labels: dict[str, str] | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                 threads: int = 4, read_limit: float = 0, sample_percent: float = 0.5,
+                 snapshot: str | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        if hints is not None and parent is None:
+            raise BackyfsError("hints need a parent version to diff against")
+        self.repo, self.source, self.volume = repo, source, volume
+        self.parent, self.hints, self.labels = parent, hints, labels or {}
+        self.block_size = parent.block_size if parent else block_size
+        self.threads = max(1, threads)
+        self.read_bucket = TokenBucket(read_limit) if read_limit > 0 else None
+        self.sample_percent = sample_percent
+        self.snapshot = snapshot
+        self.progress = progress
+        self.stats = BackupStats(bytes_total=source.size)
+        self.lock = threading.Lock()
+        self.known: set[bytes] = set()
+        self.in_flight: set[bytes] = set()
+        self.unrecorded: list[tuple[bytes, int]] = []  # stored but not yet flushed + recorded
+        self.zero = bytes(self.block_size)
+
+    # --- the run --------------------------------------------------------------------------
+    def run(self) -> Version:
+        started = time.monotonic()
+        version = self._open_version()
+        self.known = self.repo.db.known_digests()
+        plan = self._plan()
+        try:
+            blocks = self._process(plan)
+        except HintsMismatch:
+            self.repo.set_state(version, "invalid")
+            raise
+        finally:
+            # Whatever was stored so far is recorded, so a re-run skips it.
+            self._flush()
+        blockmap = BlockMap.from_mapping(self.source.size, self.block_size, blocks)
+        self.stats.seconds = round(time.monotonic() - started, 3)
+        self.repo.db.update_version(version.uid, stats=self.stats.as_dict())
+        self.repo.save_version(version, blockmap)
+        self.repo.store.flush()
+        self.repo.set_state(version, "valid")
+        return self.repo.db.get_version(version.uid)
+
+    def _open_version(self) -> Version:
+        """Resume a pending version of the same volume, parent and size, or start a new one."""
+        parent_uid = self.parent.uid if self.parent else None
+        for pending in reversed(self.repo.db.versions(volume=self.volume, state="pending")):
+            if (pending.parent, pending.size, pending.block_size) == (
+                    parent_uid, self.source.size, self.block_size):
+                self.resumed = pending.uid
+                self.repo.db.set_labels(pending.uid, self.labels)
+                return pending
+        self.resumed = None
+        version = Version(uid=new_uid(), volume=self.volume, created=time.time(), size=self.source.size,
+                          block_size=self.block_size, parent=parent_uid, labels=self.labels,
+                          snapshot=self.snapshot)
+        self.repo.db.add_version(version)
+        return version
+
+    def _plan(self) -> _Plan:
+        size, bs = self.source.size, self.block_size
+        data_blocks = blocks_touched(self.source.data_extents(), bs, size)
+        if self.parent is None:
+            self.stats.bytes_sparse += size - _bytes_in(data_blocks, bs, size)
+            return _Plan(sorted(data_blocks), {})
+        base = self.repo.db.get_blockmap(self.parent.uid).to_dict()
+        last_block = -(-size // bs) - 1
+        base = {i: d for i, d in base.items() if i <= last_block and
+                (i + 1) * bs <= min(size, self.parent.size)}  # a resized tail is re-read
+        if self.hints is None:
+            self.stats.bytes_sparse += size - _bytes_in(data_blocks, bs, size)
+            return _Plan(sorted(data_blocks), {i: d for i, d in base.items() if i in data_blocks})
+        changed = blocks_touched(self.hints, bs, size)
+        changed |= {i for i in range(last_block + 1) if (i + 1) * bs > self.parent.size}
+        changed &= data_blocks | set(base)
+        sample = self._sample(set(base) - changed, data_blocks - changed)
+        self.stats.bytes_unchanged = sum(_block_len(i, bs, size) for i in base if i not in changed)
+        return _Plan(sorted(changed | sample), base, sample)
+
+    def _sample(self, unhinted_data: set[int], unhinted_source: set[int]) -> set[int]:
+        """A random sample of blocks the hints call unchanged, re-read to catch wrong diffs."""
+        candidates = sorted(unhinted_data | unhinted_source)
+        if not candidates or self.sample_percent <= 0:
+            return set()
+        count = max(1, min(64, round(len(candidates) * self.sample_percent / 100)))
+        return set(random.sample(candidates, min(count, len(candidates))))
+
+    def _process(self, plan: _Plan) -> dict[int, bytes]:
+        blocks = dict(plan.base)
+        gate = threading.Semaphore(self.threads * 2)
+        last_checkpoint = time.monotonic()
+        work_bytes = _bytes_in(plan.to_read, self.block_size, self.source.size)
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="backup") as pool:
+            pending: list[Future] = []
+            for block_idx in plan.to_read:
+                gate.acquire()
+                fut = pool.submit(self._block, block_idx)
+                fut.add_done_callback(lambda _f: gate.release())
+                pending.append(fut)
+                pending = self._collect(pending, blocks, plan, wait=False)
+                if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
+                    self._flush()
+                    last_checkpoint = time.monotonic()
+                if self.progress:
+                    self.progress(self.stats.bytes_read, work_bytes)
+            self._collect(pending, blocks, plan, wait=True)
+        if self.progress:
+            self.progress(work_bytes, work_bytes)
+        return blocks
+
+    def _collect(self, pending: list[Future], blocks: dict[int, bytes], plan: _Plan,
+                 wait: bool) -> list[Future]:
+        still = []
+        for fut in pending:
+            if not wait and not fut.done():
+                still.append(fut)
+                continue
+            block_idx, digest = fut.result()  # re-raises a worker's error
+            if block_idx in plan.sample and blocks.get(block_idx) != digest:
+                raise HintsMismatch(
+                    f"block {block_idx} (offset {block_idx * self.block_size}) changed but is not in the "
+                    "hints: the diff is wrong; back up without --hints")
+            if digest is None:
+                blocks.pop(block_idx, None)
+            else:
+                blocks[block_idx] = digest
+        return still
+
+    def _block(self, block_idx: int) -> tuple[int, bytes | None]:
+        """Worker: read one block; store it if it is new. Returns (block_idx, digest or None for zeros)."""
+        offset = block_idx * self.block_size
+        length = _block_len(block_idx, self.block_size, self.source.size)
+        if self.read_bucket:
+            self.read_bucket.consume(length)
+        data = self.source.pread(offset, length)
+        if len(data) != length:
+            raise SourceError(f"short read at offset {offset}: {len(data)} of {length} bytes")
+        if data == self.zero[:length]:
+            self._count(bytes_read=length, bytes_sparse=length)
+            return block_idx, None
+        digest = block_digest(data)
+        with self.lock:
+            new = digest not in self.known and digest not in self.in_flight
+            if new:
+                self.in_flight.add(digest)
+        if not new:
+            self._count(bytes_read=length, bytes_dedup=length)
+            return block_idx, digest
+        stored = self.repo.write_block(digest, data)
+        with self.lock:
+            self.in_flight.discard(digest)
+            self.known.add(digest)
+            self.unrecorded.append((digest, stored))
+        self._count(bytes_read=length, bytes_new=length, bytes_stored=stored)
+        return block_idx, digest
+
+    def _count(self, **amounts: int) -> None:
+        with self.lock:
+            for name, value in amounts.items():
+                setattr(self.stats, name, getattr(self.stats, name) + value)
+
+    def _flush(self) -> None:
+        """Make stored blocks durable, then record them: the index never names a lost block."""
+        with self.lock:
+            batch, self.unrecorded = self.unrecorded, []
+        if batch:
+            self.repo.store.flush()
+            self.repo.db.add_blocks(batch)
+
+
+def _block_len(block_idx: int, block_size: int, size: int) -> int:
+    return min(block_size, size - block_idx * block_size)
+
+
+def _bytes_in(block_indices: Iterable[int], block_size: int, size: int) -> int:
+    return sum(_block_len(i, block_size, size) for i in block_indices)
+
+
+__all__ = ["BackupWriter", "BackupStats", "BackupSource", "HintsMismatch", "block_key"]

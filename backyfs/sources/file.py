@@ -1,0 +1,116 @@
+"""Image files and block devices as backup sources and restore targets."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Iterator
+
+from backyfs.errors import BackyfsError, SourceError
+from backyfs.repository.extents import Extent
+
+BLKGETSIZE64 = 0x80081272
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+
+
+def _device_size(fd: int) -> int:
+    buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+    return struct.unpack("Q", buf)[0]
+
+
+class FileSource:
+    """Reads a regular file or block device; holes of sparse files are found with SEEK_DATA/SEEK_HOLE
+    and never read."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            st = os.fstat(self.fd)
+        except OSError as exc:
+            raise SourceError(f"cannot open source {path}: {exc.strerror}") from None
+        self.is_device = stat.S_ISBLK(st.st_mode)
+        if not (self.is_device or stat.S_ISREG(st.st_mode)):
+            os.close(self.fd)
+            raise SourceError(f"source {path} is neither a regular file nor a block device")
+        self.size = _device_size(self.fd) if self.is_device else st.st_size
+        # Sequential reads: tell the kernel to read ahead aggressively.
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise SourceError(f"cannot read {self.path} at offset {offset}: {exc.strerror}") from None
+
+    def data_extents(self) -> Iterator[Extent]:
+        if self.is_device:
+            yield Extent(0, self.size)
+            return
+        offset = 0
+        while offset < self.size:
+            try:
+                start = os.lseek(self.fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after offset
+                    return
+                yield Extent(offset, self.size - offset)  # no SEEK_DATA support: all data
+                return
+            end = os.lseek(self.fd, start, os.SEEK_HOLE)
+            yield Extent(start, end - start)
+            offset = end
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class FileTarget:
+    """Writes a restore into a file (created sparse) or onto a block device."""
+
+    def __init__(self, path: str, size: int, *, force: bool = False, sparse: bool = False) -> None:
+        self.path = path
+        exists = os.path.exists(path)
+        is_device = exists and stat.S_ISBLK(os.stat(path).st_mode)
+        if exists and not force:
+            raise BackyfsError(f"restore target {path} exists; use --force to overwrite it")
+        try:
+            flags = os.O_WRONLY | os.O_CLOEXEC | (0 if is_device else os.O_CREAT)
+            self.fd = os.open(path, flags, 0o600)
+            if is_device:
+                if _device_size(self.fd) < size:
+                    raise BackyfsError(f"device {path} is smaller than the version ({size} bytes)")
+                # --sparse on a device: the caller promises it reads as zeros already.
+                self.zeroed = sparse
+            else:
+                os.ftruncate(self.fd, 0)  # drop old content: what we skip then reads as zeros
+                os.ftruncate(self.fd, size)
+                self.zeroed = True
+        except OSError as exc:
+            raise BackyfsError(f"cannot open restore target {path}: {exc.strerror}") from None
+        self.is_device = is_device
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.pwrite(self.fd, view, offset)
+                view, offset = view[written:], offset + written
+        except OSError as exc:
+            raise BackyfsError(f"cannot write {self.path} at offset {offset}: {exc.strerror}") from None
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        if self.is_device:
+            try:
+                fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+                return
+            except OSError:
+                pass
+        self.pwrite(offset, bytes(length))
+
+    def finish(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)

@@ -1,0 +1,81 @@
+"""The object store interface every backend implements.
+
+Keys are '/'-separated strings such as ``blocks/ab/abcdef...`` or ``versions/<uid>.json``. Values are bytes.
+A put is atomic (a reader sees the whole old value, the whole new one, or nothing) and idempotent, which is
+what lets many hosts share one content-addressed store.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+
+
+class ObjectStore(abc.ABC):
+    """Backend contract. Raise ObjectMissing from get() for an absent key, StoreUnavailable when the
+    backend cannot be reached, and never return partial data."""
+
+    #: a short description for messages, e.g. "file:/var/lib/backyfs/store" (never with secrets)
+    url: str = ""
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        """Store data under key, atomically and durably, replacing any previous value."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes:
+        """Return the value of key or raise ObjectMissing."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """True if key is stored."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove key; deleting an absent key is not an error."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Yield every key starting with prefix, in no particular order."""
+
+    def size(self, key: str) -> int:
+        """Stored size in bytes of key (raise ObjectMissing). Backends override this with a cheap stat."""
+        return len(self.get(key))
+
+    def flush(self) -> None:
+        """Make every put so far durable. Backends whose put is durable on return do nothing."""
+
+    def close(self) -> None:
+        """Release connections. The default has nothing to release."""
+
+
+class StoreWrapper(ObjectStore):
+    """Base for wrappers: forwards every call to the inner store."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.url = inner.url
+
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        self.inner.put(key, data)
+
+    def get(self, key: str) -> bytes:
+        return self.inner.get(key)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        return self.inner.list(prefix)
+
+    def size(self, key: str) -> int:
+        return self.inner.size(key)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()

@@ -1,0 +1,94 @@
+"""Object encoding: a small header plus a payload, zstd-compressed only where that saves space.
+
+Header (16 bytes, little endian): magic b"BKY", format version (1), codec (0 raw, 1 zstd), 3 reserved
+bytes, plaintext length (u32), payload length (u32). The lengths let a scrub check an object's size
+and catch truncation without decompressing it.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import zstandard
+
+from backyfs.errors import CorruptObject
+from backyfs.storage.base import ObjectStore, StoreWrapper
+
+MAGIC = b"BKY"
+FORMAT_VERSION = 1
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+HEADER = struct.Struct("<3sBB3xII")
+HEADER_SIZE = HEADER.size
+# Keep a compressed payload only if it saves at least this fraction: random data stays raw and
+# reads back without a decompression pass.
+MIN_SAVING = 0.03
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # zstd contexts are not thread-safe; one per thread, reused across blocks.
+    key = f"c{level}"
+    ctx = getattr(_local, key, None)
+    if ctx is None:
+        ctx = zstandard.ZstdCompressor(level=level)
+        setattr(_local, key, ctx)
+    return ctx
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    ctx = getattr(_local, "d", None)
+    if ctx is None:
+        ctx = _local.d = zstandard.ZstdDecompressor()
+    return ctx
+
+
+def encode(data: bytes | memoryview, level: int = 1) -> bytes:
+    plain_len = len(data)
+    if level > 0 and plain_len >= 512:
+        packed = _compressor(level).compress(data)
+        if len(packed) <= plain_len * (1 - MIN_SAVING):
+            return HEADER.pack(MAGIC, FORMAT_VERSION, CODEC_ZSTD, plain_len, len(packed)) + packed
+    return HEADER.pack(MAGIC, FORMAT_VERSION, CODEC_RAW, plain_len, plain_len) + bytes(data)
+
+
+def parse_header(obj: bytes, key: str = "object") -> tuple[int, int, int]:
+    """Return (codec, plain_len, payload_len) after checking magic, version and total length."""
+    if len(obj) < HEADER_SIZE:
+        raise CorruptObject(f"{key}: truncated header ({len(obj)} bytes)")
+    magic, version, codec, plain_len, payload_len = HEADER.unpack_from(obj)
+    if magic != MAGIC or version != FORMAT_VERSION or codec not in (CODEC_RAW, CODEC_ZSTD):
+        raise CorruptObject(f"{key}: bad header")
+    if len(obj) != HEADER_SIZE + payload_len:
+        raise CorruptObject(f"{key}: length {len(obj)} does not match header ({HEADER_SIZE + payload_len})")
+    return codec, plain_len, payload_len
+
+
+def decode(obj: bytes, key: str = "object") -> bytes:
+    codec, plain_len, _ = parse_header(obj, key)
+    payload = memoryview(obj)[HEADER_SIZE:]
+    if codec == CODEC_RAW:
+        return bytes(payload)
+    try:
+        plain = _decompressor().decompress(payload, max_output_size=plain_len)
+    except zstandard.ZstdError as exc:
+        raise CorruptObject(f"{key}: cannot decompress: {exc}") from None
+    if len(plain) != plain_len:
+        raise CorruptObject(f"{key}: decompressed to {len(plain)} bytes, header says {plain_len}")
+    return plain
+
+
+class CodecStore(StoreWrapper):
+    """Wraps a store so values are written with the header and compressed where it pays."""
+
+    def __init__(self, inner: ObjectStore, level: int = 1) -> None:
+        super().__init__(inner)
+        self.level = level
+
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        self.inner.put(key, encode(data, self.level))
+
+    def get(self, key: str) -> bytes:
+        return decode(self.inner.get(key), key)

@@ -1,0 +1,106 @@
+"""A store in a local directory: one file per key, written to a temporary file, fsynced and renamed."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Iterator
+
+from backyfs.errors import ObjectMissing, StoreUnavailable
+from backyfs.storage.base import ObjectStore
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def check_key(key: str) -> str:
+    """Keys are relative '/'-separated names without empty, '.' or '..' parts."""
+    parts = key.split("/")
+    if not key or any(p in ("", ".", "..") for p in parts) or "\0" in key:
+        raise ValueError(f"invalid object key {key!r}")
+    return key
+
+
+class FilesystemStore(ObjectStore):
+    def __init__(self, root: str, fsync: bool = True) -> None:
+        self.root = os.path.abspath(root)
+        self.url = f"file:{self.root}"
+        self.fsync = fsync
+        try:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create store directory {self.root}: {exc.strerror}") from None
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, check_key(key))
+
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        path = self._path(key)
+        tmp = f"{path}.tmp.{os.getpid()}.{id(data):x}"
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            reason = "store is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+            raise StoreUnavailable(f"cannot write {key} to {self.url}: {reason}") from None
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise ObjectMissing(f"object {key} is missing from {self.url}") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {key} from {self.url}: {exc.strerror}") from None
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
+    def size(self, key: str) -> int:
+        try:
+            return os.stat(self._path(key)).st_size
+        except FileNotFoundError:
+            raise ObjectMissing(f"object {key} is missing from {self.url}") from None
+
+    def delete(self, key: str) -> None:
+        _unlink_quietly(self._path(key))
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        # Walk only the directory the prefix points into, so listing "versions/" does not visit blocks.
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = os.path.join(self.root, base) if base else self.root
+        for dirpath, _dirs, files in os.walk(start):
+            rel = os.path.relpath(dirpath, self.root)
+            for name in files:
+                if ".tmp." in name:
+                    continue
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    yield key
+
+    def flush(self) -> None:
+        """Make every rename so far durable (directory entries): one syncfs instead of an fsync per dir."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _libc.syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise StoreUnavailable(f"cannot sync {self.url}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
