@@ -132,13 +132,14 @@ class BackupWriter:
             return _Plan(sorted(data_blocks), {})
         base = self.repo.db.get_blockmap(self.parent.uid).to_dict()
         last_block = -(-size // bs) - 1
-        base = {i: d for i, d in base.items() if i <= last_block and
-                (i + 1) * bs <= min(size, self.parent.size)}  # a resized tail is re-read
+        # After a resize, blocks from the old tail on are re-read: they changed length or content.
+        first_resized = min(size, self.parent.size) // bs if size != self.parent.size else last_block + 1
+        base = {i: d for i, d in base.items() if i < first_resized}
         if self.hints is None:
             self.stats.bytes_sparse += size - _bytes_in(data_blocks, bs, size)
             return _Plan(sorted(data_blocks), {i: d for i, d in base.items() if i in data_blocks})
         changed = blocks_touched(self.hints, bs, size)
-        changed |= {i for i in range(last_block + 1) if (i + 1) * bs > self.parent.size}
+        changed |= set(range(first_resized, last_block + 1))
         changed &= data_blocks | set(base)
         sample = self._sample(set(base) - changed, data_blocks - changed)
         self.stats.bytes_unchanged = sum(_block_len(i, bs, size) for i in base if i not in changed)

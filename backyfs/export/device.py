@@ -1,0 +1,243 @@
+"""The export core: one version as a synchronous, thread-safe copy-on-write block device.
+
+A read of a block resolves, in order: the overlay (dirty or trimmed blocks), the block map (absent
+means zeros), the memory cache, the disk cache, the store. Blocks from the disk cache or the store
+are checked against their digest. Sequential reads trigger readahead into the memory cache.
+Fronts (nbdkit, FUSE) call pread/pwrite/zero/trim/flush/extents from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from backyfs.errors import CorruptObject, StateError
+from backyfs.export.cache import DiskCache, MemoryCache
+from backyfs.export.overlay import CLEAN, DIRTY, TRIMMED, Overlay
+from backyfs.metadata.blockmap import BlockMap
+from backyfs.metadata.db import Version
+from backyfs.repository.repo import Repository, block_digest
+
+log = logging.getLogger(__name__)
+_LOCK_STRIPES = 64
+
+
+class BlockError(CorruptObject):
+    """A block could not be read; carries its index for the log and maps to EIO at the edge."""
+
+    def __init__(self, block_idx: int, offset: int, reason: str) -> None:
+        super().__init__(f"block {block_idx} at offset {offset}: {reason}")
+        self.block_idx = block_idx
+
+
+class BlockFetcher:
+    """Digest -> plaintext through the memory cache, disk cache and store, with one fetch per digest
+    in flight (concurrent readers of the same block wait for the first) and background readahead.
+    Shared by every device of a process so versions share the caches."""
+
+    def __init__(self, repo: Repository, memory: MemoryCache, disk: DiskCache | None,
+                 readahead_threads: int = 4) -> None:
+        self.repo, self.memory, self.disk = repo, memory, disk
+        self.lock = threading.Lock()
+        self.in_flight: dict[bytes, Future] = {}
+        self.pool = ThreadPoolExecutor(readahead_threads, thread_name_prefix="readahead")
+
+    def get(self, digest: bytes) -> bytes:
+        data = self.memory.get(digest)
+        if data is not None:
+            return data
+        with self.lock:
+            fut = self.in_flight.get(digest)
+            owner = fut is None
+            if owner:
+                fut = self.in_flight[digest] = Future()
+        if not owner:
+            return fut.result()
+        try:
+            data = self._load(digest)
+            fut.set_result(data)
+            return data
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        finally:
+            with self.lock:
+                self.in_flight.pop(digest, None)
+
+    def _load(self, digest: bytes) -> bytes:
+        if self.disk is not None:
+            data = self.disk.get(digest)
+            if data is not None and block_digest(data) == digest:
+                self.memory.put(digest, data)
+                return data
+        data = self.repo.read_block(digest)  # verified against the digest
+        self.memory.put(digest, data)
+        if self.disk is not None:
+            self.disk.put(digest, data)
+        return data
+
+    def prefetch(self, digests: list[bytes]) -> None:
+        for digest in digests:
+            if digest in self.memory:
+                continue
+            with self.lock:
+                if digest in self.in_flight:
+                    continue
+            self.pool.submit(self._prefetch_one, digest)
+
+    def _prefetch_one(self, digest: bytes) -> None:
+        try:
+            self.get(digest)
+        except Exception as exc:  # the reader that needs it will see and report the error
+            log.debug("readahead of %s failed: %s", digest.hex()[:16], exc)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ExportDevice:
+    def __init__(self, version: Version, blockmap: BlockMap, fetcher: BlockFetcher,
+                 overlay: Overlay | None = None, readahead_blocks: int = 8) -> None:
+        self.version, self.blockmap, self.fetcher, self.overlay = version, blockmap, fetcher, overlay
+        self.size = blockmap.size
+        self.block_size = blockmap.block_size
+        self.readahead_blocks = readahead_blocks
+        self.zero_block = bytes(self.block_size)
+        self.stripes = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self.last_block = -2
+
+    @property
+    def writable(self) -> bool:
+        return self.overlay is not None
+
+    # --- reads ----------------------------------------------------------------------------
+    def read_block(self, block_idx: int) -> bytes:
+        """The whole block (shorter for a partial last block)."""
+        length = self.blockmap.block_length(block_idx)
+        if self.overlay is not None:
+            state = self.overlay.block_state(block_idx)
+            if state == DIRTY:
+                return self.overlay.read_block(block_idx)
+            if state == TRIMMED:
+                return self.zero_block[:length]
+        digest = self.blockmap.lookup(block_idx)
+        if digest is None:
+            return self.zero_block[:length]
+        try:
+            data = self.fetcher.get(digest)
+        except Exception as exc:
+            offset = block_idx * self.block_size
+            log.error("version %s block %d at offset %d: %s", self.version.uid, block_idx, offset, exc)
+            raise BlockError(block_idx, offset, str(exc)) from None
+        if len(data) != length:
+            raise BlockError(block_idx, block_idx * self.block_size, "stored block has the wrong length")
+        return data
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        parts = []
+        for block_idx, start, end in self._pieces(offset, length):
+            self._maybe_readahead(block_idx)
+            data = self.read_block(block_idx)
+            parts.append(data if (start, end) == (0, len(data)) else data[start:end])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _maybe_readahead(self, block_idx: int) -> None:
+        sequential = block_idx in (self.last_block, self.last_block + 1)
+        if block_idx != self.last_block:
+            self.last_block = block_idx
+            if sequential and self.readahead_blocks:
+                ahead = range(block_idx + 1, min(block_idx + 1 + self.readahead_blocks,
+                                                 self.blockmap.block_count))
+                digests = [d for d in map(self._clean_digest, ahead) if d is not None]
+                self.fetcher.prefetch(digests)
+
+    def _clean_digest(self, block_idx: int) -> bytes | None:
+        if self.overlay is not None and self.overlay.block_state(block_idx) != CLEAN:
+            return None
+        return self.blockmap.lookup(block_idx)
+
+    # --- writes (overlay only) ------------------------------------------------------------
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        self._check_range(offset, len(data))
+        overlay = self._need_overlay()
+        view = memoryview(data)
+        pos = 0
+        for block_idx, start, end in self._pieces(offset, len(data)):
+            piece = view[pos : pos + end - start]
+            pos += end - start
+            with self.stripes[block_idx % _LOCK_STRIPES]:
+                if start == 0 and end == self.blockmap.block_length(block_idx):
+                    overlay.write_block(block_idx, piece)
+                else:  # read-modify-write of a partial block
+                    block = bytearray(self.read_block(block_idx))
+                    block[start:end] = piece
+                    overlay.write_block(block_idx, block)
+
+    def zero(self, offset: int, length: int) -> None:
+        """Zero a range: whole blocks become trimmed (no data kept), partial ones are written."""
+        self._check_range(offset, length)
+        overlay = self._need_overlay()
+        for block_idx, start, end in self._pieces(offset, length):
+            if start == 0 and end == self.blockmap.block_length(block_idx):
+                with self.stripes[block_idx % _LOCK_STRIPES]:
+                    overlay.trim_block(block_idx)
+            else:
+                self.pwrite(bytes(end - start), block_idx * self.block_size + start)
+
+    trim = zero  # trimmed ranges read back as zeros, which NBD and FUSE both allow
+
+    def flush(self) -> None:
+        if self.overlay is not None:
+            self.overlay.flush()
+
+    # --- extents --------------------------------------------------------------------------
+    def extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """(offset, length, is_hole) runs covering the range; holes read as zeros."""
+        self._check_range(offset, length)
+        run_start, run_hole = offset, None
+        for block_idx, start, _end in self._pieces(offset, length):
+            hole = self._is_hole(block_idx)
+            piece_start = block_idx * self.block_size + start
+            if run_hole is not None and hole != run_hole:
+                yield run_start, piece_start - run_start, run_hole
+                run_start = piece_start
+            run_hole = hole
+        if run_hole is not None:
+            yield run_start, offset + length - run_start, run_hole
+
+    def _is_hole(self, block_idx: int) -> bool:
+        if self.overlay is not None:
+            state = self.overlay.block_state(block_idx)
+            if state != CLEAN:
+                return state == TRIMMED
+        return self.blockmap.lookup(block_idx) is None
+
+    # --- helpers --------------------------------------------------------------------------
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(block_idx, start, end) within each block the byte range touches: head, body, tail."""
+        end_offset = offset + length
+        while offset < end_offset:
+            block_idx, start = divmod(offset, self.block_size)
+            end = min(self.block_size, start + end_offset - offset)
+            yield block_idx, start, end
+            offset += end - start
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"range {offset}+{length} is outside the device ({self.size} bytes)")
+
+    def _need_overlay(self) -> Overlay:
+        if self.overlay is None:
+            raise StateError("the export is read-only")
+        return self.overlay
+
+    def close(self) -> None:
+        if self.overlay is not None:
+            self.overlay.flush()
+            self.overlay.close()
+
+
+ProgressFn = Callable[[int, int], None]

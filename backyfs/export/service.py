@@ -1,0 +1,100 @@
+"""Opening exports by name, listing them, and committing overlays as new versions.
+
+One ExportService per process: its BlockFetcher (memory cache, disk cache, readahead) is shared by
+every device it opens. Export names come from clients and are untrusted: they must look like a
+version uid or a volume name, and only valid versions are exported.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+from backyfs.config import Config, open_repository
+from backyfs.errors import BackyfsError, NotFound
+from backyfs.export.cache import DiskCache, MemoryCache
+from backyfs.export.device import BlockFetcher, ExportDevice
+from backyfs.export.overlay import Overlay, discard_overlay
+from backyfs.metadata.db import Version
+from backyfs.repository.extents import Extent
+from backyfs.repository.writer import BackupWriter
+
+_EXPORT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ExportService:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.repo = open_repository(cfg)
+        memory = MemoryCache(cfg.cache_memory_mb << 20)
+        disk = DiskCache(cfg.cache_dir, cfg.cache_disk_mb << 20) if cfg.cache_disk_mb > 0 else None
+        self.fetcher = BlockFetcher(self.repo, memory, disk, readahead_threads=max(2, cfg.threads))
+        self.lock = threading.Lock()
+
+    def resolve(self, name: str) -> Version:
+        if not _EXPORT_NAME_RE.match(name or ""):
+            raise NotFound(f"invalid export name {name[:64]!r}")
+        return self.repo.resolve(name, valid_only=True)
+
+    def list_exports(self) -> list[tuple[str, str]]:
+        """(name, description): every valid version by uid, and each volume by name (its latest)."""
+        out: list[tuple[str, str]] = []
+        volumes: dict[str, Version] = {}
+        for v in self.repo.db.versions(state="valid"):
+            out.append((v.uid, f"{v.volume} version {v.uid} ({v.size} bytes)"))
+            volumes[v.volume] = v
+        out += [(vol, f"latest valid version of {vol}: {v.uid}") for vol, v in sorted(volumes.items())]
+        return out
+
+    def open(self, name: str, writable: bool = False, overlay_name: str = "default") -> ExportDevice:
+        with self.lock:  # the metadata connection is shared; keep opens serial
+            version = self.resolve(name)
+            blockmap = self.repo.blockmap(version)
+        overlay = None
+        if writable:
+            overlay = Overlay(self.cfg.overlay_dir, version.uid, overlay_name, version.size,
+                              version.block_size)
+        return ExportDevice(version, blockmap, self.fetcher, overlay)
+
+    def close(self) -> None:
+        self.fetcher.close()
+        self.repo.close()
+
+
+class _DeviceSource:
+    """An export device seen as a backup source, so commit reuses the backup writer."""
+
+    def __init__(self, device: ExportDevice) -> None:
+        self.device = device
+        self.size = device.size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.device.pread(offset, length)
+
+    def data_extents(self) -> list[Extent]:
+        return [Extent(o, n) for o, n, hole in self.device.extents(0, self.size) if not hole]
+
+
+def commit_overlay(service: ExportService, version_uid: str, overlay_name: str = "default",
+                   labels: dict[str, str] | None = None, keep: bool = False) -> Version:
+    """Store an overlay's changed blocks as a new version whose parent is the exported one."""
+    repo = service.repo
+    version = repo.resolve(version_uid, valid_only=True)
+    if version.uid != version_uid:
+        raise BackyfsError(f"commit needs the overlay's version uid, not {version_uid!r}")
+    device = service.open(version.uid, writable=True, overlay_name=overlay_name)
+    try:
+        changed = device.overlay.changed_blocks()
+        if not changed:
+            raise BackyfsError(f"overlay {overlay_name} of {version.uid} has no changes to commit")
+        bs = version.block_size
+        hints = [Extent(i * bs, min(bs, version.size - i * bs)) for i in changed]
+        writer = BackupWriter(repo, _DeviceSource(device), version.volume, parent=version, hints=hints,
+                              labels={"committed-from": f"{version.uid}/{overlay_name}", **(labels or {})},
+                              threads=service.cfg.threads, sample_percent=0)
+        new_version = writer.run()
+    finally:
+        device.close()
+    if not keep:
+        discard_overlay(service.cfg.overlay_dir, version.uid, overlay_name)
+    return new_version
