@@ -77,7 +77,7 @@ def kernel_for(artifacts: Path) -> Path:
     return vmlinux if vmlinux.is_file() else artifacts / "vmlinuz"
 
 
-def qemu_command(drive: str, artifacts: Path, kernel: Path | None = None) -> list[str]:
+def qemu_command(drive: str, artifacts: Path, kernel: Path | None = None, kernel_args: str = "") -> list[str]:
     return [
         "qemu-system-x86_64",
         "-accel", "tcg",
@@ -93,7 +93,7 @@ def qemu_command(drive: str, artifacts: Path, kernel: Path | None = None) -> lis
         "-no-reboot",
         "-kernel", str(kernel or kernel_for(artifacts)),
         "-initrd", str(artifacts / "initrd.img"),
-        "-append", KERNEL_CMDLINE,
+        "-append", f"{KERNEL_CMDLINE} {kernel_args}".strip(),
         "-drive", drive,
     ]  # fmt: skip
 
@@ -104,14 +104,17 @@ def boot(
     timeout: float = 240,
     *,
     kernel: Path | None = None,
+    kernel_args: str = "",
     extra_args: Sequence[str] = (),
 ) -> BootResult:
     """Boot the test kernel and initrd with `drive` as the full -drive argument, e.g.
     "file=/x/disk.img,format=raw,if=virtio" or "file=nbd+unix:///EXPORT?socket=/tmp/s,format=raw,if=virtio".
 
     The guest powers off by itself on success and on initrd failure; qemu is killed after `timeout`.
+    `kernel_args` are appended to the command line (the initrd reads root= and rootwait=SECONDS, default
+    30); `extra_args` to qemu's (e.g. "-snapshot", a second -drive).
     """
-    cmd = qemu_command(drive, artifacts, kernel) + list(extra_args)
+    cmd = qemu_command(drive, artifacts, kernel, kernel_args) + list(extra_args)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     timed_out = False
