@@ -52,15 +52,23 @@ def s3_options(env: dict[str, str]) -> dict[str, Any]:
 
 
 def s3_client(env: dict[str, str]) -> Any:
-    """A boto3 client of our own, to reach objects behind a store's back."""
+    """A boto3 client of our own, to reach objects behind a store's back. Shared: making one takes
+    a few tenths of a second."""
+    return _s3_client(
+        env["BACKYFS_TEST_S3_ENDPOINT"], env["BACKYFS_TEST_S3_ACCESS_KEY"], env["BACKYFS_TEST_S3_SECRET_KEY"]
+    )
+
+
+@functools.cache
+def _s3_client(endpoint: str, access_key: str, secret_key: str) -> Any:
     import boto3
     from botocore.config import Config
 
     return boto3.session.Session().client(
         "s3",
-        endpoint_url=env["BACKYFS_TEST_S3_ENDPOINT"],
-        aws_access_key_id=env["BACKYFS_TEST_S3_ACCESS_KEY"],
-        aws_secret_access_key=env["BACKYFS_TEST_S3_SECRET_KEY"],
+        endpoint_url=endpoint,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
         region_name="us-east-1",
         config=Config(s3={"addressing_style": "path"}),
     )

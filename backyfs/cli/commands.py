@@ -63,17 +63,23 @@ def cmd_backup(args: argparse.Namespace) -> int:
     hints = load_hints(args.hints) if args.hints else None
     source = open_source(args.source)
     if hasattr(source, "prepare"):  # RBD: snapshot now, diff against the parent's snapshot
+        source.pre_cmd, source.post_cmd = args.pre_snapshot, args.post_snapshot
         hints = source.prepare(parent, hints)
+    elif args.pre_snapshot or args.post_snapshot:
+        raise BackyfsError("--pre-snapshot/--post-snapshot need a source that snapshots (rbd:POOL/IMAGE)")
     read_limit = args.read_limit if args.read_limit is not None else cfg.read_mb_s
     writer = BackupWriter(repo, source, volume, parent=parent, hints=hints, labels=_labels(args.label),
                           block_size=cfg.block_size, threads=cfg.threads, read_limit=read_limit * 1e6,
-                          snapshot=getattr(source, "snapshot", None),
+                          snapshot=getattr(source, "snapshot", None), sample_percent=args.verify_sample,
                           progress=Progress(f"backup {volume}", enabled=None if not args.json else False))
-    version = writer.run()
+    try:
+        version = writer.run()
+        if hasattr(source, "finish"):
+            source.finish(version, parent)
+    finally:
+        source.close()
     if writer.resumed:
         print(f"backyfs: resumed the pending version {writer.resumed}", file=sys.stderr)
-    if hasattr(source, "finish"):
-        source.finish(version, parent)
     if args.json:
         _print_json({"uid": version.uid, "volume": volume, "parent": version.parent, **version.stats})
     else:
@@ -98,8 +104,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         result = restore(repo, version, target, threads=load_config(args.config).threads,
                          progress=Progress(f"restore {version.uid}"))
     except RestoreFailed as exc:
-        for line in exc.result.errors:
-            print(f"backyfs: {line}", file=sys.stderr)
+        if len(exc.result.errors) > 1:  # the last line names the first; list them all only if many
+            for line in exc.result.errors:
+                print(f"backyfs: {line}", file=sys.stderr)
         raise DataProblem(str(exc)) from None
     if args.json:
         _print_json({"uid": version.uid, **result.__dict__})
@@ -257,6 +264,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="diff against the volume's latest valid version; fail if there is none")
     mode.add_argument("--full", action="store_true", help="do not diff against any parent")
     p.add_argument("--hints", metavar="FILE", help="read only these extents (rbd diff --format json)")
+    p.add_argument("--verify-sample", type=float, default=0.5, metavar="PERCENT",
+                   help="with hints or an RBD diff, re-read this share of the unchanged blocks "
+                        "(at least 1, at most 64 blocks; none when nothing changed; default 0.5)")
+    p.add_argument("--pre-snapshot", metavar="CMD", help="run before the RBD snapshot (e.g. fsfreeze)")
+    p.add_argument("--post-snapshot", metavar="CMD", help="run after the RBD snapshot (e.g. thaw)")
     p.add_argument("--label", metavar="KEY=VALUE", action="append", help="label the version (repeatable)")
     p.add_argument("--read-limit", type=float, metavar="MB/S", help="cap reads from the source")
     p.add_argument("--write-limit", type=float, metavar="MB/S", help="cap writes to the store")

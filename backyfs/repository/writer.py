@@ -116,6 +116,9 @@ class BackupWriter:
                     parent_uid, self.source.size, self.block_size):
                 self.resumed = pending.uid
                 self.repo.db.set_labels(pending.uid, self.labels)
+                if self.snapshot:  # a resumed RBD backup reads its new snapshot
+                    self.repo.db.update_version(pending.uid, snapshot=self.snapshot)
+                    pending.snapshot = self.snapshot
                 return pending
         self.resumed = None
         version = Version(uid=new_uid(), volume=self.volume, created=time.time(), size=self.source.size,
@@ -141,7 +144,9 @@ class BackupWriter:
         changed = blocks_touched(self.hints, bs, size)
         changed |= set(range(first_resized, last_block + 1))
         changed &= data_blocks | set(base)
-        sample = self._sample(set(base) - changed, data_blocks - changed)
+        # Nothing changed (an idle RBD volume): read nothing at all. Otherwise re-read a sample.
+        sample = self._sample(set(base) - changed, data_blocks - changed) if changed else set()
+        self.stats.blocks_sampled = len(sample)
         self.stats.bytes_unchanged = sum(_block_len(i, bs, size) for i in base if i not in changed)
         return _Plan(sorted(changed | sample), base, sample)
 
@@ -151,7 +156,9 @@ class BackupWriter:
         if not candidates or self.sample_percent <= 0:
             return set()
         count = max(1, min(64, round(len(candidates) * self.sample_percent / 100)))
-        return set(random.sample(candidates, min(count, len(candidates))))
+        chosen = set(random.sample(candidates, min(count, len(candidates))))
+        self.stats.blocks_sampled = len(chosen)
+        return chosen
 
     def _process(self, plan: _Plan) -> dict[int, bytes]:
         blocks = dict(plan.base)

@@ -29,7 +29,9 @@ class FileSource:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below); regular
+            # files and block devices ignore the flag.
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             st = os.fstat(self.fd)
         except OSError as exc:
             raise SourceError(f"cannot open source {path}: {exc.strerror}") from None

@@ -63,6 +63,8 @@ def parse_header(obj: bytes, key: str = "object") -> tuple[int, int, int]:
         raise CorruptObject(f"{key}: bad header")
     if len(obj) != HEADER_SIZE + payload_len:
         raise CorruptObject(f"{key}: length {len(obj)} does not match header ({HEADER_SIZE + payload_len})")
+    if codec == CODEC_RAW and plain_len != payload_len:
+        raise CorruptObject(f"{key}: raw object with plaintext length {plain_len} != payload {payload_len}")
     return codec, plain_len, payload_len
 
 

@@ -1,0 +1,250 @@
+"""Backups and restores through the CLI: sparse round trips, differentials (with and without hints),
+dedup across volumes, rebuild-db, and version management (labels, protect, show, ls, rm)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import (
+    BS,
+    RepoEnv,
+    allocated_bytes,
+    block_files,
+    files_equal,
+    hints_for,
+    overwrite_blocks,
+    write_image,
+)
+
+from backyfs.config import load_config, open_repository
+from backyfs.repository.extents import Extent
+from backyfs.repository.writer import BackupWriter, HintsMismatch
+from backyfs.sources.file import FileSource
+
+# 12 blocks: holes, written zeros, random, duplicates, text, half-zero blocks; plus a partial tail.
+MIXED = ["rand", "hole", "zero", "dup", "text", "hole", "half", "dup", "rand", "zero", "hole", "text"]
+
+
+def restore_to(env: RepoEnv, version: str, target: Path) -> Path:
+    env.ok("restore", version, target)
+    return target
+
+
+@pytest.mark.parametrize("block_size", [BS, 64 * 1024], ids=["4MiB", "64KiB"])
+def test_mixed_sparse_image_round_trip(repo_env: RepoEnv, tmp_path: Path, block_size: int) -> None:
+    if block_size != BS:
+        repo_env.use_config(f'block_size = "{block_size // 1024}KiB"\n')
+    tail = 12345
+    kinds = MIXED * (4 if block_size != BS else 1)
+    img = write_image(tmp_path / "img", kinds, block_size=block_size, tail=tail)
+    st = repo_env.backup(img, "vm1")
+
+    n = {k: kinds.count(k) for k in set(kinds)}
+    data_blocks = len(kinds) - n["hole"]
+    assert st["bytes_total"] == len(kinds) * block_size + tail
+    assert st["bytes_read"] == data_blocks * block_size + tail, "holes must not be read"
+    assert st["bytes_sparse"] == (n["hole"] + n["zero"]) * block_size
+    # Everything read but the zero blocks is either new or a duplicate.
+    assert st["bytes_new"] + st["bytes_dedup"] == (data_blocks - n["zero"]) * block_size + tail
+    assert st["bytes_dedup"] == (n["dup"] - 1) * block_size
+    unique = n["rand"] + 1 + n["text"] + n["half"] + 1  # + one dup block + the tail
+    objects = repo_env.stats()["objects"]
+    assert objects == unique == len(block_files(repo_env.store_dir))
+    # Text compresses; random data is stored raw with a 16-byte header.
+    assert st["bytes_stored"] < st["bytes_new"]
+
+    show = repo_env.ok("show", st["uid"], "--json").json()
+    assert show["state"] == "valid"
+    assert show["blocks_allocated"] == data_blocks - n["zero"] + 1  # + the tail block
+    assert show["stats"]["bytes_read"] == st["bytes_read"]
+
+    out = restore_to(repo_env, st["uid"], tmp_path / "restored")
+    assert files_equal(img, out)
+    # Zero blocks and holes are left as holes in the restored file.
+    stored_blocks = data_blocks - n["zero"]
+    assert allocated_bytes(out) <= stored_blocks * block_size + tail + 65536
+    assert allocated_bytes(out) < allocated_bytes(img)
+
+
+@pytest.mark.parametrize(("kinds", "tail"), [([], 1000), ([], 0), (["hole"] * 3, 0), (["zero"] * 2, 7),
+                                             (["rand"], 1), (["hole", "text"], 4096)],
+                         ids=["tiny", "empty", "all-holes", "zeros+tail", "one-byte-tail", "hole-text-tail"])
+def test_edge_sizes_round_trip(repo_env: RepoEnv, tmp_path: Path, kinds: list[str], tail: int) -> None:
+    img = write_image(tmp_path / "img", kinds, tail=tail)
+    st = repo_env.backup(img, "edge")
+    assert st["bytes_total"] == img.stat().st_size
+    out = restore_to(repo_env, st["uid"], tmp_path / "restored")
+    assert files_equal(img, out)
+
+
+def test_differential_without_hints_stores_only_changed_blocks(repo_env: RepoEnv, tmp_path: Path) -> None:
+    img = write_image(tmp_path / "img", ["rand"] * 6 + ["hole"] * 2 + ["text"] * 2, tail=5000)
+    v1 = repo_env.backup(img, "vm")
+    old = shutil.copy(img, tmp_path / "v1.img")
+    objects_before = repo_env.stats()["objects"]
+
+    overwrite_blocks(img, [1, 4])
+    v2 = repo_env.backup(img, "vm")
+    assert v2["parent"] == v1["uid"]
+    assert v2["bytes_read"] == 8 * BS + 5000  # no hints: every data block is read
+    assert v2["bytes_new"] == 2 * BS
+    assert v2["bytes_stored"] <= 2 * (BS + 64)
+    assert v2["bytes_dedup"] == 6 * BS + 5000
+    assert repo_env.stats()["objects"] == objects_before + 2
+
+    assert files_equal(old, restore_to(repo_env, v1["uid"], tmp_path / "r1"))
+    assert files_equal(img, restore_to(repo_env, v2["uid"], tmp_path / "r2"))
+    assert files_equal(img, restore_to(repo_env, "vm", tmp_path / "r-latest"))
+
+
+def test_differential_with_hints_reads_only_hinted_blocks(repo_env: RepoEnv, tmp_path: Path) -> None:
+    img = write_image(tmp_path / "img", ["rand"] * 7 + ["hole"] + ["text"] * 2)
+    v1 = repo_env.backup(img, "vm")
+    overwrite_blocks(img, [2, 7])  # block 7 was a hole
+    hints = hints_for(tmp_path / "diff.json", [2, 7])
+    v2 = repo_env.backup(img, "vm", "--hints", hints)
+
+    assert v2["parent"] == v1["uid"]
+    assert v2["blocks_sampled"] == 1  # 0.5% of 8 unhinted blocks, at least one
+    assert v2["bytes_read"] == (2 + v2["blocks_sampled"]) * BS
+    assert v2["bytes_new"] == 2 * BS
+    assert v2["bytes_unchanged"] == 8 * BS
+    assert files_equal(img, restore_to(repo_env, v2["uid"], tmp_path / "r2"))
+
+
+def test_hints_with_discarded_extent(repo_env: RepoEnv, tmp_path: Path) -> None:
+    img = write_image(tmp_path / "img", ["rand"] * 6)
+    repo_env.backup(img, "vm")
+    objects = repo_env.stats()["objects"]
+    with open(img, "r+b") as f:  # the guest discarded block 3
+        f.seek(3 * BS)
+        f.write(bytes(BS))
+    hints = tmp_path / "diff.json"
+    hints.write_text(json.dumps([{"offset": 3 * BS, "length": BS, "exists": "false"}]))
+    v2 = repo_env.backup(img, "vm", "--hints", hints)
+    assert v2["bytes_new"] == 0
+    assert repo_env.stats()["objects"] == objects
+    assert repo_env.ok("show", v2["uid"], "--json").json()["blocks_allocated"] == 5
+    assert files_equal(img, restore_to(repo_env, v2["uid"], tmp_path / "r2"))
+
+
+def test_wrong_hints_are_caught_by_the_sample(repo_env: RepoEnv, tmp_path: Path) -> None:
+    img = write_image(tmp_path / "img", ["rand"] * 10)
+    v1 = repo_env.backup(img, "vm")
+    old = shutil.copy(img, tmp_path / "v1.img")
+    overwrite_blocks(img, range(10))  # every block changed ...
+    hints = hints_for(tmp_path / "diff.json", [0])  # ... but only one is hinted: any sample hits a bad one
+
+    res = repo_env.run("backup", img, "vm", "--hints", hints)
+    assert res.rc != 0
+    assert len(res.err_lines) == 1 and res.err_lines[0].startswith("backyfs:"), res.err
+    assert "not in the hints" in res.err
+    assert "Traceback" not in res.err
+
+    versions = repo_env.versions("vm")
+    assert [v["uid"] for v in versions if v["state"] == "valid"] == [v1["uid"]]
+    assert all(v["state"] == "invalid" for v in versions if v["uid"] != v1["uid"])
+    # The volume name still means the last good version.
+    assert files_equal(old, restore_to(repo_env, "vm", tmp_path / "r"))
+
+
+def test_wrong_hints_caught_through_the_writer_api(repo_env: RepoEnv, tmp_path: Path) -> None:
+    img = write_image(tmp_path / "img", ["rand"] * 8)
+    repo_env.backup(img, "vm")
+    overwrite_blocks(img, [5])  # changed, but the hints name block 0
+    repo = open_repository(load_config())
+    parent = repo.resolve("vm")
+    source = FileSource(str(img))
+    writer = BackupWriter(repo, source, "vm", parent=parent, hints=[Extent(0, BS)], sample_percent=100)
+    with pytest.raises(HintsMismatch, match="block 5"):
+        writer.run()
+    source.close()
+    states = {v.uid: v.state for v in repo.db.versions("vm")}
+    assert states.pop(parent.uid) == "valid"
+    assert list(states.values()) == ["invalid"]
+    assert repo.latest_valid("vm").uid == parent.uid
+    repo.close()
+
+
+def test_dedup_across_volumes(repo_env: RepoEnv, tmp_path: Path) -> None:
+    img = write_image(tmp_path / "img", ["rand", "text", "hole", "dup", "dup", "rand"], tail=999)
+    a = repo_env.backup(img, "vm-a")
+    before = repo_env.stats()
+    files = len(block_files(repo_env.store_dir))
+    b = repo_env.backup(img, "vm-b")
+    assert b["parent"] is None  # another volume: a full backup ...
+    assert b["bytes_stored"] == 0 and b["bytes_new"] == 0  # ... that stores nothing new
+    assert b["bytes_dedup"] == a["bytes_new"] + a["bytes_dedup"]
+    after = repo_env.stats()
+    assert (after["objects"], after["stored_bytes"]) == (before["objects"], before["stored_bytes"])
+    assert len(block_files(repo_env.store_dir)) == files
+    assert after["volumes"] == 2
+    assert files_equal(img, restore_to(repo_env, "vm-b", tmp_path / "rb"))
+
+
+def test_rebuild_db_from_the_store(repo_env: RepoEnv, tmp_path: Path) -> None:
+    img = write_image(tmp_path / "img", ["rand", "hole", "text", "dup", "zero", "rand"], tail=100)
+    v1 = repo_env.backup(img, "vm", "--label", "kind=daily")
+    old = shutil.copy(img, tmp_path / "v1.img")
+    overwrite_blocks(img, [1])
+    v2 = repo_env.backup(img, "vm")
+    repo_env.ok("protect", v1["uid"])
+    listing, stats = repo_env.versions(), repo_env.stats()
+
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{repo_env.db_path}{suffix}").unlink(missing_ok=True)
+    assert repo_env.versions() == []
+
+    res = repo_env.run("rebuild-db")
+    assert res.rc == 0, res.err
+    assert "2 versions" in res.out
+    assert repo_env.versions() == listing  # uids, states, parents, labels, protection
+    rebuilt = repo_env.stats()
+    assert (rebuilt["objects"], rebuilt["stored_bytes"]) == (stats["objects"], stats["stored_bytes"])
+    assert files_equal(old, restore_to(repo_env, v1["uid"], tmp_path / "r1"))
+    assert files_equal(img, restore_to(repo_env, v2["uid"], tmp_path / "r2"))
+    # The dedup index is back too: the same data again stores nothing.
+    assert repo_env.backup(img, "vm")["bytes_stored"] == 0
+    # A second rebuild refuses to touch a filled DB.
+    again = repo_env.run("rebuild-db")
+    assert again.rc == 1 and again.err.startswith("backyfs:")
+
+
+def test_labels_protect_show_ls_rm(repo_env: RepoEnv, tmp_path: Path) -> None:
+    img = write_image(tmp_path / "img", ["rand", "text"])
+    v1 = repo_env.backup(img, "vm", "--label", "a=1", "--label", "b=2")["uid"]
+    v2 = repo_env.backup(img, "other")["uid"]
+
+    rows = {r["uid"]: r for r in repo_env.versions()}
+    assert set(rows) == {v1, v2}
+    assert rows[v1]["labels"] == {"a": "1", "b": "2"} and rows[v1]["volume"] == "vm"
+    assert rows[v1]["state"] == "valid" and rows[v1]["protected"] is False
+    assert [r["uid"] for r in repo_env.versions("other")] == [v2]
+
+    res = repo_env.ok("label", v1, "c=3", "--remove", "a")
+    assert json.loads(res.out) == {"b": "2", "c": "3"}
+    assert repo_env.ok("show", v1, "--json").json()["labels"] == {"b": "2", "c": "3"}
+    assert repo_env.ok("show", v1[:6], "--json").json()["uid"] == v1  # unique prefix
+
+    repo_env.ok("protect", v1)
+    assert repo_env.ok("show", v1, "--json").json()["protected"] is True
+    res = repo_env.call("rm", v1)
+    assert res.rc == 1 and "protected" in res.err
+    assert v1 in {r["uid"] for r in repo_env.versions()}
+
+    res = repo_env.call("rm", "vm")  # a volume name is not enough for rm
+    assert res.rc == 1 and v1 in {r["uid"] for r in repo_env.versions()}
+
+    repo_env.ok("unprotect", v1)
+    assert repo_env.versions("vm")[0]["protected"] is False
+    repo_env.ok("rm", v1)
+    assert {r["uid"] for r in repo_env.versions()} == {v2}
+    assert not (repo_env.store_dir / "versions" / v1).exists() or not any(
+        (repo_env.store_dir / "versions" / v1).iterdir())
+
+    repo_env.ok("protect", v2)
+    repo_env.ok("rm", v2, "--force")
+    assert repo_env.versions() == []
