@@ -68,7 +68,10 @@ def restore(repo: Repository, version: Version, target: RestoreTarget, *, thread
                 data = repo.read_block(digest)
                 if len(data) != length:
                     raise CorruptObject(f"block {digest.hex()[:16]} has {len(data)} bytes, expected {length}")
-                target.pwrite(offset, data)
+                if target.zeroed:
+                    _write_sparse(target, offset, data)
+                else:
+                    target.pwrite(offset, data)
             except (ObjectMissing, CorruptObject) as exc:
                 with lock:
                     result.errors.append(f"block {block_idx} at offset {offset}: {exc}")
@@ -89,6 +92,26 @@ def restore(repo: Repository, version: Version, target: RestoreTarget, *, thread
     if result.errors:
         raise RestoreFailed(result)
     return result
+
+
+_SPARSE_CHUNK = 64 * 1024
+_ZERO_CHUNK = bytes(_SPARSE_CHUNK)
+
+
+def _write_sparse(target: RestoreTarget, offset: int, data: bytes) -> None:
+    """Write only the non-zero 64 KiB runs of a block, so partly-zero blocks stay sparse."""
+    view = memoryview(data)
+    run_start = None
+    for pos in range(0, len(data), _SPARSE_CHUNK):
+        chunk = view[pos : pos + _SPARSE_CHUNK]
+        if chunk == _ZERO_CHUNK[: len(chunk)]:
+            if run_start is not None:
+                target.pwrite(offset + run_start, view[run_start:pos])
+                run_start = None
+        elif run_start is None:
+            run_start = pos
+    if run_start is not None:
+        target.pwrite(offset + run_start, view[run_start:])
 
 
 def _all_blocks(blockmap: BlockMap, zeroed: bool):

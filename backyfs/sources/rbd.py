@@ -172,7 +172,8 @@ class RbdTarget:
     def from_spec(cls, spec: str, size: int, *, force: bool) -> RbdTarget:
         return cls(*parse_spec(spec), size, force=force)
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: bytes | memoryview) -> None:
+        data = bytes(data)  # librbd's binding takes bytes; the sparse writer passes views
         self.gate.acquire()
 
         def done(completion) -> None:
