@@ -308,6 +308,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add("stats", cmd_stats, "repository totals")
     p.add_argument("--json", action="store_true")
     add("rebuild-db", cmd_rebuild_db, "rebuild an empty metadata database from the store alone")
+    register_housekeeping(sub)
 
 
 BACKUP_HELP = """\
@@ -334,3 +335,57 @@ deep-scrub reads, decodes and hashes each one. Bad objects are named with the ve
 indices and offsets that use them, and those versions are marked invalid (exit code 3). Backing
 up the same data again writes a good copy and heals them; a later full scrub marks the
 versions valid again."""
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from backyfs.repository.gc import collect_garbage
+
+    repo = _repo(args)
+    result = collect_garbage(repo, dry_run=args.dry_run)
+    if args.json:
+        _print_json(result.__dict__)
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"gc: {verb} {result.deleted} objects ({result.deleted_bytes / 2**20:,.1f} MiB), "
+          f"condemned {result.condemned} newly unreferenced, revived {result.revived}, "
+          f"{result.waiting} waiting for running backups")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from backyfs.repository.retention import Policy, versions_to_remove
+
+    policy = Policy(args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
+    if policy.empty():
+        raise BackyfsError("give at least one --keep-* rule")
+    repo = _repo(args)
+    volumes = [args.volume] if args.volume else sorted({v.volume for v in repo.db.versions()})
+    for volume in volumes:
+        for version in versions_to_remove(repo.db.versions(volume=volume), policy):
+            if not args.dry_run:
+                repo.delete_version(version)
+            print(f"{'would remove' if args.dry_run else 'removed'} {version.uid} of {volume}")
+    return 0
+
+
+def register_housekeeping(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gc", help="delete stored blocks no version references (safe during backups)",
+                       description=GC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=cmd_gc)
+    p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("prune", help="remove versions a keep-policy does not keep",
+                       description="Remove valid, unprotected versions that no --keep-* rule keeps. "
+                       "Run gc afterwards to free their blocks.")
+    p.set_defaults(func=cmd_prune)
+    p.add_argument("volume", metavar="VOLUME", nargs="?", help="only this volume (default: all)")
+    for rule in ("last", "daily", "weekly", "monthly"):
+        p.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N")
+    p.add_argument("--dry-run", action="store_true")
+
+
+GC_HELP = """\
+Delete stored blocks that no version references, in two phases so it is safe while backups run:
+a run condemns unreferenced blocks (new backups then write them again instead of relying on
+them), and a later run deletes condemned blocks that are still unreferenced once every backup
+that started before the condemnation has finished. Run it twice, some time apart, e.g. daily."""

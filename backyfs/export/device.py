@@ -21,7 +21,6 @@ from backyfs.metadata.db import Version
 from backyfs.repository.repo import Repository, block_digest
 
 log = logging.getLogger(__name__)
-_LOCK_STRIPES = 64
 
 
 class BlockError(CorruptObject):
@@ -99,13 +98,17 @@ class BlockFetcher:
 
 class ExportDevice:
     def __init__(self, version: Version, blockmap: BlockMap, fetcher: BlockFetcher,
-                 overlay: Overlay | None = None, readahead_blocks: int = 8) -> None:
+                 overlay: Overlay | None = None, readahead_blocks: int = 8,
+                 release: Callable[[Overlay], None] | None = None) -> None:
+        """`release` hands a shared overlay back to its owner on close (default: close it)."""
         self.version, self.blockmap, self.fetcher, self.overlay = version, blockmap, fetcher, overlay
         self.size = blockmap.size
         self.block_size = blockmap.block_size
         self.readahead_blocks = readahead_blocks
         self.zero_block = bytes(self.block_size)
-        self.stripes = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        # Devices sharing an overlay (several NBD connections) must share its read-modify-write locks.
+        self.stripes = overlay.block_locks if overlay is not None else []
+        self.release = release
         self.last_block = -2
 
     @property
@@ -144,6 +147,24 @@ class ExportDevice:
             parts.append(data if (start, end) == (0, len(data)) else data[start:end])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def readinto(self, buf: bytearray | memoryview, offset: int) -> None:
+        """pread into a caller's buffer: one copy per piece, no joins (the NBD hot path)."""
+        view = memoryview(buf).cast("B")
+        self._check_range(offset, len(view))
+        pos = 0
+        for block_idx, start, end in self._pieces(offset, len(view)):
+            self._maybe_readahead(block_idx)
+            data = self.read_block(block_idx)
+            view[pos : pos + end - start] = memoryview(data)[start:end]
+            pos += end - start
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Start loading the blocks of a range into the memory cache (NBD_CMD_CACHE)."""
+        self._check_range(offset, length)
+        first, last = offset // self.block_size, (offset + max(length, 1) - 1) // self.block_size
+        digests = [d for d in map(self._clean_digest, range(first, last + 1)) if d is not None]
+        self.fetcher.prefetch(digests)
+
     def _maybe_readahead(self, block_idx: int) -> None:
         sequential = block_idx in (self.last_block, self.last_block + 1)
         if block_idx != self.last_block:
@@ -168,7 +189,7 @@ class ExportDevice:
         for block_idx, start, end in self._pieces(offset, len(data)):
             piece = view[pos : pos + end - start]
             pos += end - start
-            with self.stripes[block_idx % _LOCK_STRIPES]:
+            with self.stripes[block_idx % len(self.stripes)]:
                 if start == 0 and end == self.blockmap.block_length(block_idx):
                     overlay.write_block(block_idx, piece)
                 else:  # read-modify-write of a partial block
@@ -182,7 +203,7 @@ class ExportDevice:
         overlay = self._need_overlay()
         for block_idx, start, end in self._pieces(offset, length):
             if start == 0 and end == self.blockmap.block_length(block_idx):
-                with self.stripes[block_idx % _LOCK_STRIPES]:
+                with self.stripes[block_idx % len(self.stripes)]:
                     overlay.trim_block(block_idx)
             else:
                 self.pwrite(bytes(end - start), block_idx * self.block_size + start)
@@ -235,9 +256,13 @@ class ExportDevice:
         return self.overlay
 
     def close(self) -> None:
-        if self.overlay is not None:
-            self.overlay.flush()
-            self.overlay.close()
+        overlay, self.overlay = self.overlay, None
+        if overlay is not None:
+            overlay.flush()
+            if self.release is not None:
+                self.release(overlay)
+            else:
+                overlay.close()
 
 
 ProgressFn = Callable[[int, int], None]

@@ -63,6 +63,8 @@ class Overlay:
         self.state = bytearray(raw.ljust(self.block_count, b"\0"))
         os.ftruncate(self.state_fd, self.block_count)
         self.lock = threading.Lock()
+        # Striped locks for read-modify-write of partial blocks by every device using this overlay.
+        self.block_locks = [threading.Lock() for _ in range(64)]
 
     def _write_meta(self) -> None:
         meta = {"version_uid": self.version_uid, "name": self.name, "size": self.size,

@@ -30,6 +30,9 @@ class ExportService:
         disk = DiskCache(cfg.cache_dir, cfg.cache_disk_mb << 20) if cfg.cache_disk_mb > 0 else None
         self.fetcher = BlockFetcher(self.repo, memory, disk, readahead_threads=max(2, cfg.threads))
         self.lock = threading.Lock()
+        # One Overlay per (version, name) shared by every device of the process: its file lock is
+        # exclusive, so a second Overlay object would lock out the second NBD connection.
+        self.overlays: dict[tuple[str, str], tuple[Overlay, int]] = {}
 
     def resolve(self, name: str) -> Version:
         if not _EXPORT_NAME_RE.match(name or ""):
@@ -50,13 +53,35 @@ class ExportService:
         with self.lock:  # the metadata connection is shared; keep opens serial
             version = self.resolve(name)
             blockmap = self.repo.blockmap(version)
-        overlay = None
-        if writable:
-            overlay = Overlay(self.cfg.overlay_dir, version.uid, overlay_name, version.size,
-                              version.block_size)
-        return ExportDevice(version, blockmap, self.fetcher, overlay)
+        if not writable:
+            return ExportDevice(version, blockmap, self.fetcher)
+        overlay = self._acquire_overlay(version, overlay_name)
+        return ExportDevice(version, blockmap, self.fetcher, overlay, release=self._release_overlay)
+
+    def _acquire_overlay(self, version: Version, name: str) -> Overlay:
+        with self.lock:
+            overlay, users = self.overlays.get((version.uid, name), (None, 0))
+            if overlay is None:
+                overlay = Overlay(self.cfg.overlay_dir, version.uid, name, version.size, version.block_size)
+            self.overlays[(version.uid, name)] = (overlay, users + 1)
+            return overlay
+
+    def _release_overlay(self, overlay: Overlay) -> None:
+        with self.lock:
+            key = (overlay.version_uid, overlay.name)
+            _, users = self.overlays[key]
+            if users > 1:
+                self.overlays[key] = (overlay, users - 1)
+                return
+            del self.overlays[key]
+        overlay.close()
 
     def close(self) -> None:
+        with self.lock:
+            overlays, self.overlays = list(self.overlays.values()), {}
+        for overlay, _users in overlays:  # devices never closed (a server killed mid-connection)
+            overlay.flush()
+            overlay.close()
         self.fetcher.close()
         self.repo.close()
 

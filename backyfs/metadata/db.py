@@ -30,6 +30,7 @@ class Version:
     parent: str | None = None
     protected: bool = False
     snapshot: str | None = None
+    heartbeat: float | None = None
     stats: dict = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
 
@@ -93,7 +94,7 @@ class MetadataDB:
         return Version(uid=row["uid"], volume=row["volume"], created=row["created"], size=row["size"],
                        block_size=row["block_size"], state=row["state"], parent=row["parent"],
                        protected=bool(row["protected"]), snapshot=row["snapshot"],
-                       stats=json.loads(row["stats"]), labels=labels)
+                       heartbeat=row["heartbeat"], stats=json.loads(row["stats"]), labels=labels)
 
     def get_version(self, uid: str) -> Version:
         rows = self._rows("SELECT * FROM versions WHERE uid = ?", [uid])
@@ -158,6 +159,21 @@ class MetadataDB:
                 "INSERT INTO blocks (digest, stored_size, added, state) VALUES (?, ?, ?, 'ok') "
                 "ON CONFLICT (digest) DO UPDATE SET stored_size = excluded.stored_size, state = 'ok'",
                 [(d, s, now) for d, s in blocks])
+
+    def blocks_in_state(self, state: str) -> list[tuple[bytes, float | None]]:
+        with self.lock:
+            return list(self.db.conn.execute(
+                "SELECT digest, condemned FROM blocks WHERE state = ?", (state,)))
+
+    def all_digests(self) -> set[bytes]:
+        with self.lock:
+            return {r[0] for r in self.db.conn.execute("SELECT digest FROM blocks")}
+
+    def condemn_blocks(self, digests: Iterable[bytes], now: float) -> None:
+        with self.lock, self.db.conn:
+            self.db.conn.executemany(
+                "UPDATE blocks SET state = 'condemned', condemned = ? WHERE digest = ?",
+                [(now, d) for d in digests])
 
     def known_digests(self) -> set[bytes]:
         with self.lock:

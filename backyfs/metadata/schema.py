@@ -27,6 +27,7 @@ def create_tables(conn: sqlite3.Connection) -> None:
             state       TEXT NOT NULL CHECK (state IN ('pending', 'valid', 'invalid')),
             protected   INTEGER NOT NULL DEFAULT 0, -- 1: rm refuses it
             snapshot    TEXT,                       -- source snapshot name (RBD), for the next diff
+            heartbeat   REAL,                       -- a running backup's last checkpoint (gc waits)
             stats       TEXT NOT NULL DEFAULT '{}'  -- JSON summary of the backup run
         );
         CREATE INDEX IF NOT EXISTS versions_by_volume ON versions (volume, created);
@@ -54,8 +55,12 @@ def create_tables(conn: sqlite3.Connection) -> None:
             digest      BLOB PRIMARY KEY,           -- 32 bytes
             stored_size INTEGER NOT NULL,           -- encoded object size (header + payload)
             added       REAL NOT NULL,              -- unix time it was recorded
-            state       TEXT NOT NULL DEFAULT 'ok' CHECK (state IN ('ok', 'missing', 'corrupt')),
-            checked     REAL                        -- last (deep-)scrub, unix time
+            -- 'condemned': unreferenced when gc last looked; new backups no longer dedup
+            -- against it, and the next gc deletes it once no backup older than that is running.
+            state       TEXT NOT NULL DEFAULT 'ok'
+                        CHECK (state IN ('ok', 'missing', 'corrupt', 'condemned')),
+            checked     REAL,                       -- last (deep-)scrub, unix time
+            condemned   REAL                        -- when gc condemned it
         ) WITHOUT ROWID;
         """
     )

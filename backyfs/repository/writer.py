@@ -90,6 +90,8 @@ class BackupWriter:
     def run(self) -> Version:
         started = time.monotonic()
         version = self._open_version()
+        self.uid = version.uid
+        self.repo.db.update_version(version.uid, heartbeat=time.time())
         self.known = self.repo.db.known_digests()
         plan = self._plan()
         try:
@@ -175,6 +177,7 @@ class BackupWriter:
                 pending = self._collect(pending, blocks, plan, wait=False)
                 if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
                     self._flush()
+                    self.repo.db.update_version(self.uid, heartbeat=time.time())  # gc waits for us
                     last_checkpoint = time.monotonic()
                 if self.progress:
                     self.progress(self.stats.bytes_read, work_bytes)

@@ -1,0 +1,65 @@
+"""Garbage collection of blocks no version references, safe while backups run.
+
+A running backup decides "already stored" from the set of digests it loaded when it started, so a
+block must not vanish between that moment and the backup's end. gc therefore works in two phases:
+1. condemn: blocks no block map references are marked 'condemned'. Backups that start later no
+   longer count them as stored (they write them again, which revives them).
+2. delete, on a later run: a condemned block still unreferenced is deleted only if no live backup
+   (a pending version with a recent heartbeat) started before it was condemned. A backup that did
+   reference it has finished by then, its block map names it, and gc revives it instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from backyfs.errors import NotFound
+from backyfs.repository.repo import Repository, block_key
+
+STALE_AFTER = 900.0  # a pending backup silent this long (no checkpoint) is considered dead
+
+
+@dataclass
+class GcResult:
+    condemned: int = 0
+    deleted: int = 0
+    deleted_bytes: int = 0
+    revived: int = 0
+    waiting: int = 0  # condemned, but an older backup is still running
+
+
+def referenced_digests(repo: Repository) -> set[bytes]:
+    out: set[bytes] = set()
+    for version in repo.db.versions():
+        try:
+            out |= repo.blockmap(version).digest_set()
+        except NotFound:  # a pending or failed version without a map references nothing yet
+            pass
+    return out
+
+
+def collect_garbage(repo: Repository, dry_run: bool = False) -> GcResult:
+    now = time.time()
+    result = GcResult()
+    referenced = referenced_digests(repo)
+    live = [v for v in repo.db.versions(state="pending") if v.heartbeat and v.heartbeat > now - STALE_AFTER]
+    oldest_live = min((v.created for v in live), default=float("inf"))
+    condemned = repo.db.blocks_in_state("condemned")
+    revive = [d for d, _ in condemned if d in referenced]
+    doomed = [d for d, t in condemned if d not in referenced and (t or now) < oldest_live]
+    result.revived, result.waiting = len(revive), len(condemned) - len(revive) - len(doomed)
+    fresh = repo.db.all_digests() - referenced - {d for d, _ in condemned}
+    result.condemned = len(fresh)
+    if dry_run:
+        result.deleted = len(doomed)
+        return result
+    repo.db.mark_blocks(revive, "ok")
+    sizes = repo.db.block_info(doomed)
+    for digest in doomed:
+        repo.store.delete(block_key(digest))
+        result.deleted += 1
+        result.deleted_bytes += sizes.get(digest, (0, ""))[0]
+    repo.db.delete_blocks(doomed)
+    repo.db.condemn_blocks(fresh, now)
+    return result

@@ -1,0 +1,102 @@
+"""Garbage collection and retention, including gc racing a running backup."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from backyfs.config import Config, open_repository
+from backyfs.metadata.blockmap import BlockMap
+from backyfs.metadata.db import Version
+from backyfs.repository.gc import collect_garbage
+from backyfs.repository.repo import block_digest, block_key
+from backyfs.repository.restore import restore
+from backyfs.repository.retention import Policy, versions_to_remove
+from backyfs.repository.writer import BackupWriter
+from backyfs.sources.file import FileSource, FileTarget
+
+MiB = 1 << 20
+
+
+def _repo(tmp_path):
+    return open_repository(Config(data_dir=str(tmp_path / "data")))
+
+
+def _image(path, blocks: list[bytes]) -> str:
+    with open(path, "wb") as f:
+        for b in blocks:
+            f.write(b)
+    return str(path)
+
+
+def _backup(repo, path, volume="vol"):
+    source = FileSource(path)
+    try:
+        return BackupWriter(repo, source, volume, parent=repo.latest_valid(volume)).run()
+    finally:
+        source.close()
+
+
+def test_gc_deletes_only_unreferenced_blocks_in_two_phases(tmp_path):
+    repo = _repo(tmp_path)
+    a, b, c = (os.urandom(4 * MiB) for _ in range(3))
+    v1 = _backup(repo, _image(tmp_path / "img", [a, b]))
+    v2 = _backup(repo, _image(tmp_path / "img", [a, c]))
+    repo.delete_version(v1)
+    first = collect_garbage(repo)
+    assert (first.condemned, first.deleted) == (1, 0)  # b condemned, not yet deleted
+    second = collect_garbage(repo)
+    assert second.deleted == 1 and second.deleted_bytes > 4 * MiB
+    assert not repo.store.exists(block_key(block_digest(b)))
+    out = tmp_path / "out"
+    restore(repo, v2, FileTarget(str(out), v2.size))
+    assert out.read_bytes() == a + c
+
+
+def test_gc_waits_for_a_backup_that_started_before_condemnation(tmp_path):
+    repo = _repo(tmp_path)
+    a = os.urandom(4 * MiB)
+    v1 = _backup(repo, _image(tmp_path / "img", [a]))
+    # A backup that is running: it loaded the digest set (with a) before gc condemns a.
+    running = Version(uid="0123456789ab", volume="other", created=time.time(), size=4 * MiB,
+                      block_size=4 * MiB, heartbeat=time.time())
+    repo.db.add_version(running)
+    repo.delete_version(v1)
+    assert collect_garbage(repo).condemned == 1
+    waiting = collect_garbage(repo)
+    assert (waiting.deleted, waiting.waiting) == (0, 1)
+    assert repo.store.exists(block_key(next(iter(repo.db.all_digests()))))
+    # The backup finishes with a block map that references a (it deduplicated against it):
+    # gc revives the block instead of deleting it.
+    repo.db.update_version(running.uid, state="valid", heartbeat=None)
+    repo.db.put_blockmap(running.uid, BlockMap.from_mapping(4 * MiB, 4 * MiB, {0: block_digest(a)}))
+    revived = collect_garbage(repo)
+    assert revived.revived == 1 and revived.deleted == 0
+    out = tmp_path / "out"
+    restore(repo, repo.db.get_version(running.uid), FileTarget(str(out), 4 * MiB))
+    assert out.read_bytes() == a
+
+
+def test_condemned_block_is_written_again_by_a_new_backup(tmp_path):
+    repo = _repo(tmp_path)
+    a = os.urandom(4 * MiB)
+    v1 = _backup(repo, _image(tmp_path / "img", [a]))
+    repo.delete_version(v1)
+    collect_garbage(repo)  # condemns a
+    v2 = _backup(repo, _image(tmp_path / "img", [a]))
+    assert v2.stats["bytes_new"] == 4 * MiB  # not deduplicated against a condemned block
+    assert collect_garbage(repo).deleted == 0
+
+
+def test_retention_keeps_last_daily_and_protected():
+    noon = time.mktime((2026, 11, 1, 12, 0, 0, 0, 0, -1))
+    created = [noon + day * 86400 for day in range(6)] + [noon + 5 * 86400 + 3600]
+    versions = [Version(uid=f"{i:012x}", volume="v", created=t, size=1, block_size=1, state="valid")
+                for i, t in enumerate(created)]
+    versions[0].protected = True
+    removed = {v.uid for v in versions_to_remove(versions, Policy(last=1, daily=3))}
+    kept = sorted({v.uid for v in versions} - removed)
+    # newest (day 6, 13:00) is also day 6's daily; then days 5 and 4; day 1 is protected
+    assert kept == [versions[i].uid for i in (0, 3, 4, 6)]
+    assert versions_to_remove(versions, Policy()) == []
+    assert versions_to_remove(versions, Policy(last=10)) == []
