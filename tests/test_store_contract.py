@@ -93,12 +93,6 @@ def store(backend: Backend) -> ObjectStore:
     return backend.store
 
 
-def known_fs_bug(request: pytest.FixtureRequest, store: ObjectStore, reason: str) -> None:
-    """Expect this test to fail on FilesystemStore until fs.py is fixed; strict, so the fix shows."""
-    if isinstance(store, FilesystemStore):
-        request.applymarker(pytest.mark.xfail(reason=f"fs.py bug: {reason}", strict=True))
-
-
 @pytest.mark.parametrize("size", [0, 1, 4096, 4 * MiB], ids=["empty", "1B", "4KiB", "4MiB"])
 def test_round_trip(store: ObjectStore, size: int) -> None:
     data = os.urandom(size)
@@ -120,8 +114,7 @@ def test_overwrite_replaces_the_whole_value(store: ObjectStore) -> None:
     assert store.size("versions/v.json") == 5
 
 
-def test_exists(store: ObjectStore, request: pytest.FixtureRequest) -> None:
-    known_fs_bug(request, store, "exists() is true for a directory (os.path.exists, not isfile)")
+def test_exists(store: ObjectStore) -> None:
     assert not store.exists("a/b")
     store.put("a/b", b"x")
     assert store.exists("a/b")
@@ -161,8 +154,7 @@ def test_missing_key(store: ObjectStore) -> None:
         store.size("no/such")
 
 
-def test_concurrent_puts(store: ObjectStore, request: pytest.FixtureRequest) -> None:
-    known_fs_bug(request, store, "temporary name pid+id(data) collides when threads put one object")
+def test_concurrent_puts(store: ObjectStore) -> None:
     values = {f"blocks/{i:02x}/{i}": os.urandom(64 * 1024 + i) for i in range(64)}
     contenders = [bytes([i]) * (100_000 + i) for i in range(16)]
     start = threading.Barrier(8)

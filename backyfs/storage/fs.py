@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 from collections.abc import Iterator
 
 from backyfs.errors import ObjectMissing, StoreUnavailable
@@ -36,7 +37,7 @@ class FilesystemStore(ObjectStore):
 
     def put(self, key: str, data: bytes | memoryview) -> None:
         path = self._path(key)
-        tmp = f"{path}.tmp.{os.getpid()}.{id(data):x}"
+        tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident():x}"
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -64,7 +65,7 @@ class FilesystemStore(ObjectStore):
             raise StoreUnavailable(f"cannot read {key} from {self.url}: {exc.strerror}") from None
 
     def exists(self, key: str) -> bool:
-        return os.path.exists(self._path(key))
+        return os.path.isfile(self._path(key))
 
     def size(self, key: str) -> int:
         try:
