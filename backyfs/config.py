@@ -21,7 +21,14 @@ metadata in backyfs.sqlite, the read cache in cache/.
 
     [cache]
     memory_mb = 256
-    disk_mb = 4096             # 0 disables the disk cache
+    disk_mb = 4096             # 0 disables the disk cache (never used over a local fs store)
+
+    [jobs.vm1-root]            # run by `backyfs job run vm1-root` (systemd/backyfs-backup@.timer)
+    source = "/dev/vg0/vm1-root"
+    volume = "vm1-root"
+    labels = { tier = "gold" }
+    max_age_hours = 26         # `backyfs jobs` fails when the last good run is older
+    keep = { last = 7, daily = 14, weekly = 8 }   # prune after each good run
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class Config:
     write_mb_s: float = 0.0
     cache_memory_mb: int = 256
     cache_disk_mb: int = 4096
+    jobs: dict = field(default_factory=dict)  # name -> {source, volume, labels, max_age_hours, ...}
     source: str = "embedded default"
 
     @property
@@ -97,7 +105,7 @@ def load_config(path: str | None = None) -> Config:
 
 
 def _from_dict(raw: dict, path: str) -> Config:
-    known = {"data_dir", "block_size", "threads", "compression_level", "store", "limits", "cache"}
+    known = {"data_dir", "block_size", "threads", "compression_level", "store", "limits", "cache", "jobs"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"config {path}: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -109,6 +117,7 @@ def _from_dict(raw: dict, path: str) -> Config:
         cfg.threads = int(raw.get("threads", cfg.threads))
         cfg.compression_level = int(raw.get("compression_level", cfg.compression_level))
         cfg.store = dict(raw.get("store", cfg.store))
+        cfg.jobs = {str(k): dict(v) for k, v in raw.get("jobs", {}).items()}
         limits, cache = raw.get("limits", {}), raw.get("cache", {})
         cfg.read_mb_s = float(limits.get("read_mb_s", 0))
         cfg.write_mb_s = float(limits.get("write_mb_s", 0))

@@ -44,28 +44,36 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_backup(args: argparse.Namespace) -> int:
+def _choose_parent(repo, args: argparse.Namespace, volume: str):
+    if args.parent:
+        parent = repo.resolve(args.parent, valid_only=True)
+        if parent.volume != volume:
+            raise BackyfsError(f"parent {parent.uid} belongs to volume {parent.volume}, not {volume}")
+        return parent
+    if args.full:
+        return None
+    parent = repo.latest_valid(volume)
+    if parent is None and (args.incremental or args.hints):
+        raise BackyfsError(f"volume {volume} has no valid version to diff against")
+    return parent
+
+
+def run_backup(args: argparse.Namespace):
+    """Back up args.source as args.volume; returns (version, parent). Shared by `backup` and `job run`."""
     from backyfs.repository.writer import BackupWriter
     from backyfs.sources import open_source
 
     cfg = load_config(args.config)
     volume = check_volume_name(args.volume)
     repo = open_repository(cfg, read_mb_s=None, write_mb_s=args.write_limit)
-    parent = None
-    if args.parent:
-        parent = repo.resolve(args.parent, valid_only=True)
-        if parent.volume != volume:
-            raise BackyfsError(f"parent {parent.uid} belongs to volume {parent.volume}, not {volume}")
-    elif not args.full:
-        parent = repo.latest_valid(volume)
-        if parent is None and (args.incremental or args.hints):
-            raise BackyfsError(f"volume {volume} has no valid version to diff against")
+    parent = _choose_parent(repo, args, volume)
     hints = load_hints(args.hints) if args.hints else None
     source = open_source(args.source)
     if hasattr(source, "prepare"):  # RBD: snapshot now, diff against the parent's snapshot
         source.pre_cmd, source.post_cmd = args.pre_snapshot, args.post_snapshot
         hints = source.prepare(parent, hints)
     elif args.pre_snapshot or args.post_snapshot:
+        source.close()
         raise BackyfsError("--pre-snapshot/--post-snapshot need a source that snapshots (rbd:POOL/IMAGE)")
     read_limit = args.read_limit if args.read_limit is not None else cfg.read_mb_s
     writer = BackupWriter(repo, source, volume, parent=parent, hints=hints, labels=_labels(args.label),
@@ -80,12 +88,17 @@ def cmd_backup(args: argparse.Namespace) -> int:
         source.close()
     if writer.resumed:
         print(f"backyfs: resumed the pending version {writer.resumed}", file=sys.stderr)
+    return version, parent
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    version, parent = run_backup(args)
     if args.json:
-        _print_json({"uid": version.uid, "volume": volume, "parent": version.parent, **version.stats})
+        _print_json({"uid": version.uid, "volume": version.volume, "parent": version.parent, **version.stats})
     else:
         st = version.stats
         kind = "differential" if parent else "full"
-        print(f"{version.uid}  {kind} backup of {volume}: {st['bytes_total'] / 2**20:,.1f} MiB, "
+        print(f"{version.uid}  {kind} backup of {version.volume}: {st['bytes_total'] / 2**20:,.1f} MiB, "
               f"read {st['bytes_read'] / 2**20:,.1f} MiB, stored {st['bytes_stored'] / 2**20:,.1f} MiB "
               f"in {st['seconds']:.2f} s")
     return 0

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
         module.register(sub)
-    for module_name in ("backyfs.cli.serve", "backyfs.cli.mount", "backyfs.cli.files"):
+    for module_name in ("backyfs.cli.serve", "backyfs.cli.mount", "backyfs.cli.files",
+                        "backyfs.cli.jobs"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:

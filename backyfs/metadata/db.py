@@ -206,3 +206,25 @@ class MetadataDB:
             count, total = self.db.conn.execute(
                 "SELECT count(*), coalesce(sum(stored_size), 0) FROM blocks").fetchone()
         return {"objects": count, "stored_bytes": total}
+
+    # --- job runs -------------------------------------------------------------------------
+    def start_job_run(self, job: str, pid: int) -> int:
+        with self.lock, self.db.conn:
+            cur = self.db.conn.execute(
+                "INSERT INTO job_runs (job, started, state, pid) VALUES (?, ?, 'running', ?)",
+                (job, time.time(), pid))
+            return int(cur.lastrowid)
+
+    def finish_job_run(self, run_id: int, ok: bool, version_uid: str | None, message: str) -> None:
+        with self.lock, self.db.conn:
+            self.db.conn.execute(
+                "UPDATE job_runs SET finished = ?, state = ?, version_uid = ?, message = ? WHERE id = ?",
+                (time.time(), "ok" if ok else "failed", version_uid, message, run_id))
+
+    def last_job_runs(self) -> dict[str, dict]:
+        """The newest run of each job, and the newest successful one's finish time."""
+        rows = self._rows(
+            "SELECT r.*, (SELECT max(finished) FROM job_runs o WHERE o.job = r.job AND o.state = 'ok')"
+            " AS last_ok FROM job_runs r WHERE r.id = (SELECT max(id) FROM job_runs x WHERE x.job = r.job)")
+        return {r["job"]: r for r in rows}
+

@@ -62,6 +62,20 @@ def create_tables(conn: sqlite3.Connection) -> None:
             checked     REAL,                       -- last (deep-)scrub, unix time
             condemned   REAL                        -- when gc condemned it
         ) WITHOUT ROWID;
+
+        -- Runs of scheduled backup jobs (systemd timers call `backyfs job run NAME`), for the
+        -- job monitor (`backyfs jobs`). A 'running' row whose pid is gone died without a word.
+        CREATE TABLE IF NOT EXISTS job_runs (
+            id          INTEGER PRIMARY KEY,
+            job         TEXT NOT NULL,
+            started     REAL NOT NULL,
+            finished    REAL,
+            state       TEXT NOT NULL CHECK (state IN ('running', 'ok', 'failed')),
+            pid         INTEGER NOT NULL,
+            version_uid TEXT,                       -- the version the run made (no FK: rm may drop it)
+            message     TEXT NOT NULL DEFAULT ''    -- the one-line error of a failed run
+        );
+        CREATE INDEX IF NOT EXISTS job_runs_by_job ON job_runs (job, started);
         """
     )
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -1,0 +1,59 @@
+"""Scheduled jobs and the job monitor, through the real CLI in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from backyfs.cli.main import main
+from backyfs.config import load_config, open_repository
+
+MiB = 1 << 20
+
+
+def _config(tmp_path, source) -> str:
+    path = tmp_path / "backyfs.toml"
+    path.write_text(f"""
+data_dir = "{tmp_path / 'data'}"
+[jobs.good]
+source = "{source}"
+volume = "vm1"
+labels = {{ tier = "gold" }}
+keep = {{ last = 2 }}
+[jobs.broken]
+source = "{tmp_path / 'missing.img'}"
+""")
+    return str(path)
+
+
+def test_job_runs_record_prune_and_monitor(tmp_path, capsys):
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(2 * MiB))
+    cfg = _config(tmp_path, image)
+    for _ in range(3):
+        assert main(["--config", cfg, "job", "run", "good"]) == 0
+    versions = open_repository(load_config(cfg)).db.versions(volume="vm1")
+    assert len(versions) == 2  # keep.last = 2 pruned the first
+    assert versions[-1].labels == {"tier": "gold", "job": "good"}
+    assert main(["--config", cfg, "job", "run", "broken"]) == 1
+    capsys.readouterr()
+    assert main(["--config", cfg, "jobs", "--json"]) == 3
+    rows = {r["job"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["good"]["status"] == "ok" and rows["good"]["version"] == versions[-1].uid
+    assert rows["broken"]["status"] == "failed"
+    assert "missing.img" in rows["broken"]["message"]
+
+
+def test_monitor_reports_a_died_run_and_unknown_job(tmp_path, capsys):
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(MiB))
+    cfg = _config(tmp_path, image)
+    repo = open_repository(load_config(cfg))
+    dead_pid = 2**22 + 12345  # above pid_max on Debian's default: never a live process
+    repo.db.start_job_run("good", dead_pid)
+    assert main(["--config", cfg, "jobs", "--json"]) == 3
+    rows = {r["job"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["good"]["status"] == "died"
+    assert main(["--config", cfg, "job", "run", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown job 'nope'" in err
