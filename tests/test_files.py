@@ -1,0 +1,279 @@
+"""Partition tables (pure functions), and `backyfs restore-file` / `ls-files` on ext2/3/4."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import BACKYFS
+from fuse_helpers import (
+    GPT_SCRIPT,
+    MBR_SCRIPT,
+    known_tree,
+    make_ext,
+    partitioned_image,
+    put_at,
+    set_ns_mtimes,
+    sfdisk_partitions,
+)
+
+from backyfs.export.partitions import detect_filesystem, find_partitions
+from backyfs.fronts.extfs import ExtFS
+
+
+def file_pread(path: Path):
+    f = open(path, "rb")  # noqa: SIM115 - lives as long as the test
+
+    def pread(offset: int, length: int) -> bytes:
+        return os.pread(f.fileno(), length, offset)
+
+    return pread
+
+
+# --- partition tables ---------------------------------------------------------------------------
+@pytest.mark.parametrize("script", [MBR_SCRIPT, GPT_SCRIPT], ids=["mbr", "gpt"])
+def test_find_partitions_matches_sfdisk(tmp_path, script):
+    image = partitioned_image(tmp_path / "disk.img", script)
+    found = find_partitions(file_pread(image), image.stat().st_size)
+    assert {p.number: (p.offset, p.length) for p in found} == sfdisk_partitions(image)
+
+
+def test_gpt_names_types_and_backup_header(tmp_path):
+    image = partitioned_image(tmp_path / "disk.img", GPT_SCRIPT)
+    parts = find_partitions(file_pread(image), image.stat().st_size)
+    assert [(p.number, p.name) for p in parts] == [(1, "root"), (2, "esp"), (3, "")]
+    assert parts[1].type == "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+    with open(image, "r+b") as f:  # destroy the primary header: the backup at the end still works
+        f.seek(512)
+        f.write(bytes(512))
+    again = find_partitions(file_pread(image), image.stat().st_size)
+    assert [(p.number, p.offset, p.length) for p in again] == [(p.number, p.offset, p.length) for p in parts]
+
+
+def test_no_table_and_garbage(tmp_path):
+    blank = tmp_path / "blank.img"
+    blank.write_bytes(bytes(1 << 20))
+    assert find_partitions(file_pread(blank), 1 << 20) == []
+    image = partitioned_image(tmp_path / "disk.img", MBR_SCRIPT)
+    size = image.stat().st_size
+    second_ebr = 34816 - 2048  # sfdisk puts each EBR 2048 sectors before its logical partition
+    with open(image, "r+b") as f:  # an EBR chain that loops back to itself must end
+        f.seek(second_ebr * 512 + 446 + 16)
+        f.write(bytes([0, 0, 0, 0, 0x05, 0, 0, 0]) + (second_ebr - 26624).to_bytes(4, "little") +
+                (2048).to_bytes(4, "little"))
+    assert [p.number for p in find_partitions(file_pread(image), size)] == [1, 2, 5, 6]
+    small = tmp_path / "small.img"  # partitions beyond the end are dropped
+    small.write_bytes(image.read_bytes()[: 12 << 20])
+    assert [p.number for p in find_partitions(file_pread(small), 12 << 20)] == [1]
+
+
+def test_detect_filesystem(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for fstype in ("ext2", "ext3", "ext4"):
+        image = make_ext(tmp_path / f"{fstype}.img", src, 4 << 20, fstype)
+        assert detect_filesystem(file_pread(image), 4 << 20) == fstype
+    xfs = tmp_path / "xfs.img"
+    xfs.write_bytes(b"XFSB" + bytes(1 << 16))
+    assert detect_filesystem(file_pread(xfs), xfs.stat().st_size) == "xfs"
+    assert detect_filesystem(file_pread(tmp_path / "xfs.img"), 3) is None
+
+
+# --- restore-file -------------------------------------------------------------------------------
+@pytest.fixture
+def ext4_version(repo_env, tmp_path):
+    """A backed-up MBR disk whose part2 is ext4 made from known_tree(); part1 is random data."""
+    tree = tmp_path / "tree"
+    spec = known_tree(tree)
+    fs = make_ext(tmp_path / "fs.img", tree, 8 << 20, "ext4", "-I", "256", "-b", "1024")
+    set_ns_mtimes(fs, spec)
+    disk = partitioned_image(tmp_path / "disk.img",
+                             "label: dos\nstart=2048, size=2048, type=83\nstart=4096, size=16384, type=83\n",
+                             size=12 << 20)
+    put_at(disk, 4096 * 512, fs)
+    uid = repo_env.backup(disk, "vm")["uid"]
+    return uid, spec, tree
+
+
+def check_entry(path: Path, expected: tuple) -> None:
+    content, mode, mtime = expected
+    st = os.lstat(path)
+    if isinstance(content, str):
+        assert os.readlink(path) == content
+    elif stat.S_ISREG(st.st_mode):
+        assert path.read_bytes() == content, path
+    assert stat.S_IMODE(st.st_mode) == mode or stat.S_ISLNK(st.st_mode), (path, oct(st.st_mode))
+    assert st.st_mtime_ns == mtime, path
+
+
+def test_restore_single_file(repo_env, tmp_path, ext4_version):
+    uid, spec, _tree = ext4_version
+    dest = tmp_path / "out.txt"
+    res = repo_env.ok("restore-file", f"{uid}:part2", "/home/user/notes.txt", dest)
+    assert "1 file(s)" in res.out
+    check_entry(dest, spec["home/user/notes.txt"])
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    repo_env.ok("restore-file", f"{uid}:part2", "/bin/tool", outdir)  # into an existing directory
+    check_entry(outdir / "tool", spec["bin/tool"])
+    again = repo_env.call("restore-file", f"{uid}:part2", "/bin/tool", outdir)
+    assert again.rc == 3 and "File exists" in again.err  # no silent overwrite
+    repo_env.ok("restore-file", f"{uid}:part2", "/bin/tool", outdir, "--force")
+
+
+def test_restore_folder_keeps_content_modes_and_times(repo_env, tmp_path, ext4_version):
+    uid, spec, tree = ext4_version
+    dest = tmp_path / "restored"
+    repo_env.ok("restore-file", f"{uid}:part2", "/", dest)
+    for rel, expected in spec.items():
+        check_entry(dest / rel, expected)
+    for i in (0, 7, 119):
+        assert (dest / "many" / f"file-{i:03}").read_text() == f"{i}\n" * i
+    assert subprocess.run(["diff", "-r", "--no-dereference", str(tree), str(dest)],
+                          capture_output=True).stdout.decode().splitlines() == [f"Only in {dest}: lost+found"]
+    sub = tmp_path / "sub"
+    repo_env.ok("restore-file", f"{uid}:part2", "/home/user", sub)
+    check_entry(sub, spec["home/user"])
+    check_entry(sub / "link", spec["home/user/link"])
+
+
+def test_ls_files(repo_env, ext4_version):
+    uid, spec, _tree = ext4_version
+    out = repo_env.ok("ls-files", f"{uid}:part2", "/home/user").out.splitlines()
+    assert [line.split("  ")[-1] for line in out] == ["empty", "link -> notes.txt", "notes.txt", "setuid"]
+    assert out[2].startswith("-rw-------") and " 25000 " in out[2]
+    rows = repo_env.ok("ls-files", f"{uid}:part2", "/etc", "--json").json()
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["shadow"]["mode"] & 0o7777 == 0o640
+    assert by_name["hostname"]["size"] == len(spec["etc/hostname"][0])
+    assert by_name["hostname"]["mtime"] == pytest.approx(1_600_000_000.123456789)
+
+
+def test_spec_errors(repo_env, ext4_version):
+    uid, _spec, _tree = ext4_version
+    res = repo_env.call("ls-files", uid)
+    assert res.rc == 1 and f"{uid}:partN" in res.err and "part2 (ext4)" in res.err
+    res = repo_env.call("ls-files", f"{uid}:part9")
+    assert res.rc == 1 and "no partition" in res.err
+    res = repo_env.call("ls-files", f"{uid}:part1")  # random data: no filesystem
+    assert res.rc == 1 and "mount -o loop,ro" in res.err and f"vm/{uid}/part1" in res.err
+    res = repo_env.call("restore-file", f"{uid}:part2", "/nope", "/tmp/x")
+    assert res.rc == 1 and "no such file" in res.err
+
+
+def test_unsupported_filesystem_says_how(repo_env, tmp_path):
+    disk = partitioned_image(tmp_path / "disk.img", "label: gpt\nstart=2048, size=8192\n", size=8 << 20)
+    with open(disk, "r+b") as f:
+        f.seek(2048 * 512 + 0x10040)
+        f.write(b"_BHRfS_M")
+    uid = repo_env.backup(disk, "vm")["uid"]
+    res = repo_env.call("restore-file", f"{uid}:part1", "/etc/fstab", tmp_path / "x")
+    assert res.rc == 1
+    assert len(res.err_lines) == 1
+    assert "btrfs" in res.err and f"mount -o loop,ro /mnt/b/vm/{uid}/part1" in res.err
+
+
+@pytest.mark.parametrize("fstype", ["ext2", "ext3", "ext4"])
+def test_block_maps_and_sparse_files(repo_env, tmp_path, fstype):
+    """1 KiB blocks: a 70 MiB sparse file needs triple-indirect blocks (ext2/3) or an extent tree
+    deeper than the inode (ext4: more than four extents)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse.bin", "wb") as f:
+        for i in range(10):
+            f.seek(i * 7 << 20)
+            f.write(hashlib.sha256(str(i).encode()).digest() * 200)
+        f.seek(70 << 20)
+        f.write(b"end")
+    (src / "dense.bin").write_bytes(os.urandom(300_000))  # double indirect at 1 KiB
+    image = make_ext(tmp_path / "fs.img", src, 48 << 20, fstype, "-b", "1024")
+    uid = repo_env.backup(image, fstype)["uid"]
+    out = tmp_path / "out"
+    repo_env.ok("restore-file", uid, "/", out)
+    for name in ("sparse.bin", "dense.bin"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert (out / "sparse.bin").stat().st_blocks * 512 < 1 << 20  # holes stayed holes
+
+
+def test_htree_and_inline_data(repo_env, tmp_path):
+    src = tmp_path / "src"
+    (src / "big").mkdir(parents=True)
+    for i in range(400):
+        (src / "big" / f"entry-with-a-long-name-{i:04}").write_text(str(i))
+    (src / "small").mkdir()
+    (src / "small" / "tiny").write_text("inline")
+    image = make_ext(tmp_path / "fs.img", src, 16 << 20, "ext4", "-b", "1024", "-O", "inline_data")
+    subprocess.run(["e2fsck", "-fyD", str(image)], capture_output=True)  # index the big directory
+    fs = ExtFS(file_pread(image), image.stat().st_size)
+    assert fs.lookup("/big").flags & 0x1000  # really an htree
+    uid = repo_env.backup(image, "inl")["uid"]
+    out = tmp_path / "out"
+    repo_env.ok("restore-file", uid, "/", out)
+    assert sorted(os.listdir(out / "big")) == sorted(os.listdir(src / "big"))
+    assert (out / "big" / "entry-with-a-long-name-0399").read_text() == "399"
+    assert (out / "small" / "tiny").read_text() == "inline"
+
+
+def test_journal_is_replayed(repo_env, tmp_path):
+    """A backup of a mounted filesystem: the newest content of a block is only in the journal."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "file.txt").write_text("old content\n")
+    image = make_ext(tmp_path / "fs.img", src, 16 << 20, "ext4", "-b", "1024")
+    block = subprocess.run(["debugfs", "-R", "blocks /file.txt", str(image)], capture_output=True,
+                           text=True, check=True).stdout.split()[0]
+    new = tmp_path / "block"
+    new.write_bytes(b"new content\n".ljust(1024, b"\0"))
+    subprocess.run(["debugfs", "-w", "-f", "-", str(image)], input=f"jo\njw -b {block} {new}\njc\n",
+                   text=True, capture_output=True, check=True)
+    uid = repo_env.backup(image, "j")["uid"]
+    res = repo_env.ok("restore-file", uid, "/file.txt", tmp_path / "out.txt")
+    assert "replayed the journal" in res.err
+    assert (tmp_path / "out.txt").read_text() == "new content\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root to switch user")
+def test_restore_as_ordinary_user(repo_env, ext4_version):
+    """No privileges needed: a user who can read the repository restores files as their own."""
+    uid, spec, _tree = ext4_version
+    work = Path(tempfile.mkdtemp(prefix="backyfs-user-"))  # pytest's tmp_path is root-only
+    try:
+        shutil.copytree(repo_env.data_dir, work / "data")
+        subprocess.run(["chown", "-R", "nobody", str(work)], check=True)
+        env = {**repo_env.env, "HOME": str(work), "BACKYFS_DATA_DIR": str(work / "data")}
+        dest = work / "mine"
+        res = subprocess.run(["runuser", "-u", "nobody", "--", BACKYFS, "restore-file", f"{uid}:part2",
+                              "/home/user", str(dest)], env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        check_entry(dest / "notes.txt", spec["home/user/notes.txt"])
+        check_entry(dest / "setuid", spec["home/user/setuid"])
+        assert (dest / "notes.txt").stat().st_uid == pwd.getpwnam("nobody").pw_uid
+    finally:
+        shutil.rmtree(work)
+
+
+def test_corrupt_filesystem_gives_a_clean_error(repo_env, tmp_path):
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_text("x")
+    image = make_ext(tmp_path / "fs.img", src, 8 << 20, "ext4", "-b", "1024")
+    # "Inode N is part of block group G\n\tlocated at block B, offset 0xO"
+    words = subprocess.run(["debugfs", "-R", "imap /d", str(image)], capture_output=True, text=True,
+                           check=True).stdout.split()
+    block, offset = int(words[words.index("block", 8) + 1].rstrip(",")), int(words[-1], 16)
+    with open(image, "r+b") as f:  # garbage over /d's extent header
+        f.seek(block * 1024 + offset + 0x28)
+        f.write(b"\xff" * 60)
+    uid = repo_env.backup(image, "bad")["uid"]
+    res = repo_env.call("ls-files", uid, "/d")
+    assert res.rc == 1 and "corrupt" in res.err and "Traceback" not in res.err
+    res = repo_env.call("restore-file", uid, "/", tmp_path / "out")
+    assert res.rc == 3 and "corrupt" in res.err
+    assert (tmp_path / "out" / "lost+found").is_dir()  # the rest was restored
