@@ -165,6 +165,34 @@ class ExportDevice:
         digests = [d for d in map(self._clean_digest, range(first, last + 1)) if d is not None]
         self.fetcher.prefetch(digests)
 
+    def pread_cached(self, offset: int, length: int) -> bytes | memoryview | None:
+        """pread from memory only (holes, trimmed blocks, the memory cache), or None when some block
+        needs I/O (store, disk cache, overlay data). It takes only short in-memory locks and never
+        waits for I/O, so an event loop may call it inline; it still drives readahead."""
+        self._check_range(offset, length)
+        parts: list[bytes | memoryview] = []
+        for block_idx, start, end in self._pieces(offset, length):
+            data = self._memory_block(block_idx)
+            if data is None:
+                return None
+            self._maybe_readahead(block_idx)
+            parts.append(data if (start, end) == (0, len(data)) else memoryview(data)[start:end])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _memory_block(self, block_idx: int) -> bytes | None:
+        length = self.blockmap.block_length(block_idx)
+        if self.overlay is not None:
+            state = self.overlay.block_state(block_idx)
+            if state == DIRTY:
+                return None
+            if state == TRIMMED:
+                return self.zero_block[:length]
+        digest = self.blockmap.lookup(block_idx)
+        if digest is None:
+            return self.zero_block[:length]
+        data = self.fetcher.memory.get(digest)
+        return data if data is not None and len(data) == length else None
+
     def _maybe_readahead(self, block_idx: int) -> None:
         sequential = block_idx in (self.last_block, self.last_block + 1)
         if block_idx != self.last_block:

@@ -27,7 +27,12 @@ class ExportService:
         self.cfg = cfg
         self.repo = open_repository(cfg)
         memory = MemoryCache(cfg.cache_memory_mb << 20)
-        disk = DiskCache(cfg.cache_dir, cfg.cache_disk_mb << 20) if cfg.cache_disk_mb > 0 else None
+        # A local fs store is already a disk copy: caching it again would double every cold read's
+        # I/O (a 4 MiB write per block) and save nothing, as cache hits are re-hashed like store reads.
+        local_store = cfg.store.get("type", "fs") == "fs"
+        disk = None
+        if cfg.cache_disk_mb > 0 and not local_store:
+            disk = DiskCache(cfg.cache_dir, cfg.cache_disk_mb << 20)
         self.fetcher = BlockFetcher(self.repo, memory, disk, readahead_threads=max(2, cfg.threads))
         self.lock = threading.Lock()
         # One Overlay per (version, name) shared by every device of the process: its file lock is
@@ -35,7 +40,7 @@ class ExportService:
         self.overlays: dict[tuple[str, str], tuple[Overlay, int]] = {}
 
     def resolve(self, name: str) -> Version:
-        if not _EXPORT_NAME_RE.match(name or ""):
+        if not _EXPORT_NAME_RE.fullmatch(name or ""):  # fullmatch: "$" would let a trailing \n in
             raise NotFound(f"invalid export name {name[:64]!r}")
         return self.repo.resolve(name, valid_only=True)
 
