@@ -153,9 +153,12 @@ class ExportDevice:
         self._check_range(offset, len(view))
         pos = 0
         for block_idx, start, end in self._pieces(offset, len(view)):
-            self._maybe_readahead(block_idx)
-            data = self.read_block(block_idx)
-            view[pos : pos + end - start] = memoryview(data)[start:end]
+            if self.overlay is not None and self.overlay.block_state(block_idx) == DIRTY:
+                self.overlay.read_into(block_idx, start, view[pos : pos + end - start])  # not all 4 MiB
+            else:
+                self._maybe_readahead(block_idx)
+                data = self.read_block(block_idx)
+                view[pos : pos + end - start] = memoryview(data)[start:end]
             pos += end - start
 
     def prefetch(self, offset: int, length: int) -> None:
@@ -220,7 +223,9 @@ class ExportDevice:
             with self.stripes[block_idx % len(self.stripes)]:
                 if start == 0 and end == self.blockmap.block_length(block_idx):
                     overlay.write_block(block_idx, piece)
-                else:  # read-modify-write of a partial block
+                elif overlay.block_state(block_idx) == DIRTY:  # the rest is in the overlay already
+                    overlay.write_at(block_idx, start, piece)
+                else:  # read-modify-write: the first write to a block copies it into the overlay
                     block = bytearray(self.read_block(block_idx))
                     block[start:end] = piece
                     overlay.write_block(block_idx, block)

@@ -10,6 +10,7 @@ directory keeps two servers from writing one overlay.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -81,14 +82,27 @@ class Overlay:
         offset = block_idx * self.block_size
         return os.pread(self.data_fd, min(self.block_size, self.size - offset), offset)
 
+    def read_into(self, block_idx: int, start: int, view: memoryview) -> None:
+        """Read part of a dirty block straight into a caller's buffer."""
+        offset = block_idx * self.block_size + start
+        while view:
+            n = os.preadv(self.data_fd, [view], offset)
+            if n <= 0:  # past the end of the file: cannot happen, it is truncated to the size
+                raise OSError(errno.EIO, f"short read of overlay {self.path} at {offset}")
+            view, offset = view[n:], offset + n
+
     def write_block(self, block_idx: int, data: bytes | memoryview) -> None:
         """Write a whole block (the caller merges partial writes) and mark it dirty."""
-        offset = block_idx * self.block_size
+        self.write_at(block_idx, 0, data)
+        self._set_state(block_idx, DIRTY)
+
+    def write_at(self, block_idx: int, start: int, data: bytes | memoryview) -> None:
+        """Write into a block that is already dirty (its other bytes are in the overlay already)."""
+        offset = block_idx * self.block_size + start
         view = memoryview(data)
         while view:
             n = os.pwrite(self.data_fd, view, offset)
             view, offset = view[n:], offset + n
-        self._set_state(block_idx, DIRTY)
 
     def trim_block(self, block_idx: int) -> None:
         offset = block_idx * self.block_size

@@ -1,0 +1,231 @@
+"""NBD benchmarks, as functions for scripts/bench (and a small CLI for running them alone).
+
+bench_nbd(image, data_dir): sequential read of a backed-up version with nbdcopy to null:, through
+`backyfs serve` (nbdkit + the Python plugin) and through nbdkit's C `file` plugin serving the same
+version restored to a raw file. Cold: page cache dropped, and for backyfs an empty read cache
+(DATA/cache removed) and a new server. Warm: the same server read again. Ratios are throughput
+ratios, backyfs / file plugin (>1 is faster than the file plugin).
+
+bench_boot(data_dir): boot the test VM (tests/vmboot.py) from its raw disk and from a backup of it
+served writable over NBD; ratio = NBD boot time / raw boot time (<1 is faster).
+
+    .venv/bin/python scripts/bench_nbd.py [--image IMG | --size-gib N] [--data-dir DIR] [--no-boot]
+
+Needs root for drop_caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+TOP = Path(__file__).resolve().parent.parent
+BACKYFS = str(TOP / ".venv" / "bin" / "backyfs")
+BS = 4 << 20
+TARGETS = {"cold_ratio": 0.8, "warm_ratio": 1.0, "boot_ratio": 1.15}
+
+
+def drop_caches() -> None:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as exc:
+        raise SystemExit(f"bench_nbd: cannot drop the page cache ({exc.strerror}): needs root") from None
+
+
+def make_image(path: Path, size_gib: float, seed: int = 11) -> Path:
+    """Like a used VM disk: in 32 MiB runs, 25% holes, 50% random, 25% compressible text."""
+    nblocks = int(size_gib * (1 << 30)) // BS
+    rng = random.Random(seed)
+    text = b"".join(b"%08x the quick brown fox jumps over the lazy dog\n" % i for i in range(80000))
+    with open(path, "wb") as f:
+        f.truncate(nblocks * BS)
+        for run in range(0, nblocks, 8):
+            kind = rng.choices(["hole", "rand", "text"], [1, 2, 1])[0]
+            for idx in range(run, min(run + 8, nblocks)):
+                if kind == "rand":
+                    os.pwrite(f.fileno(), rng.randbytes(BS), idx * BS)
+                elif kind == "text":
+                    start = rng.randrange(len(text) - BS)
+                    os.pwrite(f.fileno(), text[start : start + BS], idx * BS)
+    return path
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKYFS_")}
+    env["BACKYFS_DATA_DIR"] = str(data_dir)
+    config = data_dir / "nbdbench" / "backyfs.toml"
+    if config.exists():
+        env["BACKYFS_CONFIG"] = str(config)
+    return env
+
+
+def write_config(data_dir: Path, memory_mb: int) -> None:
+    """The default config but for the memory cache size (the warm reads' analogue of the page cache)."""
+    (data_dir / "nbdbench").mkdir(parents=True, exist_ok=True)
+    (data_dir / "nbdbench" / "backyfs.toml").write_text(
+        f'data_dir = "{data_dir}"\n[cache]\nmemory_mb = {memory_mb}\n')
+
+
+def backyfs(data_dir: Path, *args: object) -> str:
+    proc = subprocess.run([BACKYFS, *map(str, args)], env=_env(data_dir), capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_nbd: backyfs {' '.join(map(str, args))}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def ensure_version(data_dir: Path, image: Path, volume: str) -> str:
+    """The uid of VOLUME's latest version, backing IMAGE up first when the volume has none."""
+    versions = json.loads(backyfs(data_dir, "ls", "--json", volume))
+    valid = [v for v in versions if v["state"] == "valid" and v["size"] == image.stat().st_size]
+    if valid:
+        return valid[-1]["uid"]
+    return json.loads(backyfs(data_dir, "backup", image, volume, "--json"))["uid"]
+
+
+@contextlib.contextmanager
+def backyfs_server(data_dir: Path, export: str, sock: Path, *extra: str) -> Iterator[str]:
+    proc = subprocess.Popen([BACKYFS, "serve", "--foreground", "--socket", str(sock), *extra, export],
+                            env=_env(data_dir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("stop it with"):
+                break
+        else:
+            raise SystemExit(f"bench_nbd: serve failed: {proc.communicate()[1]}")
+        yield f"nbd+unix:///{export}?socket={sock}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
+@contextlib.contextmanager
+def file_server(raw: Path, sock: Path) -> Iterator[str]:
+    proc = subprocess.Popen(["nbdkit", "--foreground", "--readonly", "-U", str(sock), "file", str(raw)],
+                            stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        sock.unlink(missing_ok=True)
+
+
+def read_seconds(url: str, cold: bool) -> float:
+    if cold:
+        drop_caches()
+    started = time.perf_counter()
+    subprocess.run(["nbdcopy", url, "null:"], check=True, stdin=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def _cold_warm(server: contextlib.AbstractContextManager[str]) -> tuple[float, float]:
+    with server as url:
+        cold = read_seconds(url, cold=True)
+        warm = min(read_seconds(url, cold=False) for _ in range(2))
+    return cold, warm
+
+
+def bench_nbd(image_path: Path, data_dir: Path, *, volume: str = "nbdbench", runs: int = 1,
+              memory_mb: int | None = None) -> dict:
+    """Cold and warm nbdcopy reads of IMAGE's backup vs the file plugin on its restored raw copy.
+    MEMORY_MB sizes the server's memory cache; default: the image's size, so a warm read is served
+    from memory as the file plugin's is from the page cache (the config default is 256)."""
+    image_path, data_dir = Path(image_path), Path(data_dir).resolve()
+    memory_mb = memory_mb or -(-image_path.stat().st_size >> 20) + 64
+    write_config(data_dir, memory_mb)
+    uid = ensure_version(data_dir, image_path, volume)
+    work = data_dir / "nbdbench"
+    work.mkdir(parents=True, exist_ok=True)
+    raw = work / "restored.img"
+    if not raw.exists() or raw.stat().st_size != image_path.stat().st_size:
+        backyfs(data_dir, "restore", uid, raw, "--force")
+    size = raw.stat().st_size
+    file_t, ours_t = [], []
+    for _ in range(runs):
+        file_t.append(_cold_warm(file_server(raw, work / "file.sock")))
+        shutil.rmtree(data_dir / "cache", ignore_errors=True)  # an empty read cache for the new server
+        ours_t.append(_cold_warm(backyfs_server(data_dir, uid, work / "nbd.sock")))
+    f_cold, f_warm = (statistics.median(t[i] for t in file_t) for i in (0, 1))
+    o_cold, o_warm = (statistics.median(t[i] for t in ours_t) for i in (0, 1))
+    mb = size / 1e6
+    return {"size_bytes": size, "version": uid, "memory_cache_mb": memory_mb,
+            "file_cold_mb_s": round(mb / f_cold), "file_warm_mb_s": round(mb / f_warm),
+            "backyfs_cold_mb_s": round(mb / o_cold), "backyfs_warm_mb_s": round(mb / o_warm),
+            "cold_ratio": round(f_cold / o_cold, 2), "warm_ratio": round(f_warm / o_warm, 2)}
+
+
+def bench_boot(data_dir: Path, artifacts: Path | None = None, runs: int = 5) -> dict:
+    """Median boot time of the test VM from a raw copy of its disk and from its backup over NBD."""
+    sys.path.insert(0, str(TOP / "tests"))
+    import vmboot
+
+    artifacts = artifacts or vmboot.build_artifacts()
+    data_dir = Path(data_dir).resolve()
+    uid = ensure_version(data_dir, artifacts / "disk.img", "nbdbench-vm")
+    work = data_dir / "nbdbench"
+    work.mkdir(parents=True, exist_ok=True)
+    raw_t, nbd_t = [], []
+    for _ in range(runs):
+        disk = vmboot.copy_disk(artifacts / "disk.img", work / "boot.img")
+        raw_t.append(_boot(vmboot, f"file={disk},format=raw,if=virtio", artifacts))
+        with backyfs_server(data_dir, uid, work / "boot.sock", "--writable", "--overlay", "bench") as url:
+            nbd_t.append(_boot(vmboot, f"file={url},format=raw,if=virtio", artifacts))
+        backyfs(data_dir, "overlay", "discard", uid, "--name", "bench")
+    raw_s, nbd_s = statistics.median(raw_t), statistics.median(nbd_t)
+    return {"raw_boot_s": round(raw_s, 2), "nbd_boot_s": round(nbd_s, 2),
+            "boot_ratio": round(nbd_s / raw_s, 2)}
+
+
+def _boot(vmboot, drive: str, artifacts: Path) -> float:
+    result = vmboot.boot(drive, artifacts)
+    if not result.ok:
+        raise SystemExit(f"bench_nbd: the VM did not boot from {drive}:\n{result.tail()}")
+    return result.seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", type=Path, help="image to back up and read (default: generate one)")
+    parser.add_argument("--size-gib", type=float, default=4.0, help="size of a generated image")
+    parser.add_argument("--data-dir", type=Path, default=TOP / ".cache" / "bench_nbd" / "data")
+    parser.add_argument("--runs", type=int, default=1, help="read runs (median)")
+    parser.add_argument("--memory-mb", type=int, help="server memory cache (default: the image size)")
+    parser.add_argument("--no-boot", action="store_true")
+    args = parser.parse_args()
+    image = args.image
+    if image is None:
+        image = args.data_dir.parent / f"image-{args.size_gib:g}g.img"
+        if not image.exists():
+            image.parent.mkdir(parents=True, exist_ok=True)
+            make_image(image, args.size_gib)
+    results = {"read": bench_nbd(image, args.data_dir, runs=args.runs, memory_mb=args.memory_mb)}
+    if not args.no_boot:
+        results["boot"] = bench_boot(args.data_dir)
+    flat = {**results["read"], **results.get("boot", {})}
+    results["targets_met"] = {k: (flat[k] <= v if k == "boot_ratio" else flat[k] >= v)
+                              for k, v in TARGETS.items() if k in flat}
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

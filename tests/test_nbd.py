@@ -1,0 +1,335 @@
+"""The nbdkit plugin and `backyfs serve` on real parts: nbdkit, nbdcopy, nbdinfo and qemu-io against
+versions backed up into a fresh data dir."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+try:
+    import nbd_helpers as nh
+except ImportError:  # tests/ imported as a package
+    from tests import nbd_helpers as nh
+
+pytestmark = pytest.mark.skipif(bool(nh.missing_tools()), reason=f"missing {nh.missing_tools()}")
+
+BS = nh.BS
+LAYOUT = "HRZRTHPR"  # holes, random, written zeros, text, a half-hole block
+TAIL = 1_500_000  # the last block is partial: the size is not a multiple of 4 MiB
+HOLE = 3  # nbdinfo's type for hole|zero
+EPERM, EIO = 1, 5  # NBD's error numbers
+
+
+@pytest.fixture
+def bk(tmp_path: Path) -> Iterator[nh.Backyfs]:
+    env = nh.Backyfs(tmp_path)
+    yield env
+    for pid_file in (env.data_dir / "run").glob("*.pid"):  # a background server a failed test left
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    return nh.make_image(tmp_path / "disk.img", LAYOUT, tail=TAIL)
+
+
+@pytest.fixture
+def uid(bk: nh.Backyfs, image: Path) -> str:
+    return bk.backup(image, "vm1")
+
+
+def _hole_blocks(extents: list[dict]) -> set[int]:
+    return {i for e in extents if e["type"] == HOLE
+            for i in range(e["offset"] // BS, (e["offset"] + e["length"]) // BS)}
+
+
+def _read(bk: nh.Backyfs, name: str, out: Path, *params: str) -> Path:
+    bk.nbdkit(f'nbdcopy "nbd+unix:///{name}?socket=$unixsocket" {out}', *params)
+    return out
+
+
+# --- reads through nbdkit -python directly ------------------------------------------------------
+def test_read_by_uid_and_volume_matches_image(bk, image, uid, tmp_path):
+    assert nh.same_bytes(_read(bk, uid, tmp_path / "a.img"), image)
+    assert nh.same_bytes(_read(bk, "vm1", tmp_path / "b.img"), image)
+    assert nh.same_bytes(_read(bk, uid[:6], tmp_path / "c.img"), image)  # a unique uid prefix
+
+
+def test_map_reports_holes(bk, uid):
+    proc = bk.nbdkit(f'nbdinfo --map --json "nbd+unix:///{uid}?socket=$unixsocket"')
+    extents = json.loads(proc.stdout)
+    assert sum(e["length"] for e in extents) == len(LAYOUT) * BS + TAIL
+    # H and Z blocks are not stored: holes. R, T, P and the tail are data.
+    assert _hole_blocks(extents) == {0, 2, 5}
+    assert {e["type"] for e in extents} == {0, HOLE}
+
+
+def test_list_exports_and_default(bk, image, uid, tmp_path):
+    script = 'nbdinfo --list --json "$uri"; nbdinfo --size "nbd+unix:///?socket=$unixsocket"'
+    proc = bk.nbdkit(script)
+    listing, size = proc.stdout.rsplit("\n", 2)[0], proc.stdout.split()[-1]
+    names = {e["export-name"] for e in json.loads(listing[: listing.rindex("}") + 1])["exports"]}
+    assert names == {uid, "vm1"}
+    assert int(size) == image.stat().st_size  # one volume: the default export is its latest version
+
+    other = bk.backup(nh.make_image(tmp_path / "o.img", "R"), "vm2")
+    proc = bk.nbdkit('nbdinfo --size "nbd+unix:///?socket=$unixsocket"', check=False)
+    assert proc.returncode != 0, "two volumes: no default export"
+    proc = bk.nbdkit('nbdinfo --list --json "$uri"', f"exports=vm2,{uid}")
+    names = {e["export-name"] for e in json.loads(proc.stdout)["exports"]}
+    assert names == {uid, other, "vm2"}
+    proc = bk.nbdkit('nbdinfo --size "nbd+unix:///vm1?socket=$unixsocket"', "exports=vm2", check=False)
+    assert proc.returncode != 0 and "No such file" in proc.stdout + proc.stderr
+    proc = bk.nbdkit('nbdinfo --size "nbd+unix:///?socket=$unixsocket"', "exports=vm2")
+    assert int(proc.stdout) == BS  # one allowed name: it is the default
+
+
+def test_parallel_connections_match(bk, image, uid, tmp_path):
+    outs = [tmp_path / f"p{i}.img" for i in range(3)]
+    script = " & ".join(f'nbdcopy --connections=4 "nbd+unix:///{uid}?socket=$unixsocket" {o}' for o in outs)
+    bk.nbdkit(f"{script} & wait")
+    for out in outs:
+        assert nh.same_bytes(out, image)
+
+
+def test_hostile_export_names_refused(bk, uid):
+    srv = nh.serve(bk)
+    try:
+        good = nh.nbd_opt_go(bk.socket, uid.encode())
+        assert good == nh.NBD_REP_ACK
+        for name in (b"../../etc", b"../" + uid.encode(), b"a" * 4096, b"vm1\0x", b"vm 1", b" vm1",
+                     b"vm1\n", b"\xff\xfe", b"-rf", b""):
+            if name == b"":  # the default export: one volume, so it is vm1; covered elsewhere
+                continue
+            reply = nh.nbd_opt_go(bk.socket, name)
+            assert reply != nh.NBD_REP_ACK and reply & 0x80000000, name
+        proc = nh.run("nbdinfo", "nbd+unix:///../../etc?socket=" + str(bk.socket), check=False)
+        assert proc.returncode != 0 and "No such file" in proc.stderr
+        assert nh.nbd_opt_go(bk.socket, b"vm1") == nh.NBD_REP_ACK  # still serving
+    finally:
+        rc, err = srv.stop()
+    assert rc == 0, err
+    assert "Traceback" not in err  # expected errors log one line each
+
+
+def test_corrupt_block_fails_read_with_eio(bk, image, uid, tmp_path):
+    with open(image, "rb") as f:
+        f.seek(3 * BS)
+        block3, block4 = f.read(BS), f.read(BS)
+    obj = bk.store_object(block3)
+    assert obj.is_file()
+    obj.write_bytes(b"garbage" + obj.read_bytes()[7:])
+    script = (f'qemu-io -r -f raw -c "read 0 {BS}" -c "read {BS} 4096" "$uri"; echo rc=$?; '
+              f'qemu-io -r -f raw -c "read {3 * BS + 100} 4096" "$uri"; echo rc=$?; '
+              f'nbdcopy "$uri" {tmp_path / "x.img"}; echo rc=$?')
+    proc = bk.nbdkit(script, f"exports={uid}")
+    ok_read, bad_read, copy = proc.stdout.split("rc=")[1:]
+    assert ok_read.startswith("0"), proc.stdout  # other blocks still read
+    assert not bad_read.startswith("0") and "Input/output error" in proc.stdout + proc.stderr
+    assert not copy.startswith("0")
+    assert "block 3 at offset 12582912" in proc.stderr  # the core names the block
+
+    srv = nh.serve(bk, uid)  # on the wire: EIO for the bad block, data for the others
+    try:
+        assert nh.nbd_command(bk.socket, uid, nh.NBD_CMD_READ, 3 * BS + 4096, 4096) == (EIO, b"")
+        error, data = nh.nbd_command(bk.socket, uid, nh.NBD_CMD_READ, 4 * BS, 4096)
+        assert error == 0 and data == block4[:4096]
+    finally:
+        assert srv.stop()[0] == 0
+
+
+# --- writes --------------------------------------------------------------------------------------
+def _writes(url: str) -> None:
+    nh.qemu_io(url, f"write -P 0x5a {BS - 1000} 3000",  # partial, across a block boundary
+               "write -P 0x66 100 50", "read -P 0x66 100 50",  # again into a block now in the overlay
+               f"read -P 0x5a {BS - 1000} 3000",
+               f"write -P 0x33 {4 * BS} {BS}",  # a whole block
+               f"write -z {3 * BS} {BS}",  # a whole zero block: trimmed
+               f"discard {6 * BS} {BS}",  # trimmed
+               f"write -P 0x77 {len(LAYOUT) * BS + 10} 20",  # in the partial last block
+               "flush")
+
+
+def _expected(image: Path, out: Path) -> Path:
+    subprocess.run(["cp", "--sparse=always", image, out], check=True)
+    nh.patch(out, BS - 1000, b"\x5a" * 3000)
+    nh.patch(out, 100, b"\x66" * 50)
+    nh.patch(out, 4 * BS, b"\x33" * BS)
+    nh.patch(out, 3 * BS, bytes(BS))
+    nh.patch(out, 6 * BS, bytes(BS))
+    nh.patch(out, len(LAYOUT) * BS + 10, b"\x77" * 20)
+    return out
+
+
+def test_writes_land_in_overlay_not_backup(bk, image, uid, tmp_path):
+    expected = _expected(image, tmp_path / "expected.img")
+    srv = nh.serve(bk, "--writable", uid)
+    try:
+        url = srv.url(uid)
+        _writes(url)
+        nh.run("nbdcopy", url, tmp_path / "after.img")
+        extents = nh.nbd_map(url)
+    finally:
+        assert srv.stop()[0] == 0
+    assert nh.same_bytes(tmp_path / "after.img", expected)
+    assert _hole_blocks(extents) == {2, 3, 5, 6}  # zeroed (3) and discarded (6) blocks: holes; 0 written
+
+    assert nh.same_bytes(bk.restore(uid, tmp_path / "backup.img"), image)  # the backup is unchanged
+    assert bk.run("deep-scrub", uid).returncode == 0
+    overlays = json.loads(bk.ok("overlay", "ls", "--json"))
+    assert [(o["version"], o["name"]) for o in overlays] == [(uid, "default")]
+    assert overlays[0]["dirty_blocks"] == 4 and overlays[0]["trimmed_blocks"] == 2
+
+    srv = nh.serve(bk, "--writable", uid)  # the overlay survives a restart
+    try:
+        nh.run("nbdcopy", srv.url(uid), tmp_path / "again.img")
+    finally:
+        srv.stop()
+    assert nh.same_bytes(tmp_path / "again.img", expected)
+
+
+def test_commit_overlay_from_parallel_writes(bk, image, uid, tmp_path):
+    new = nh.make_image(tmp_path / "new.img", "RHRRZTRH", tail=TAIL, seed=7)
+    srv = nh.serve(bk, "--writable", "vm1")
+    try:  # four connections writing into one overlay
+        nh.run("nbdcopy", "--connections=4", new, srv.url("vm1"))
+        with nh.nbd_connected(bk.socket, uid):
+            proc = bk.run("overlay", "commit", uid)
+        assert proc.returncode != 0 and "in use" in proc.stderr  # not while a client has it open
+    finally:
+        srv.stop()
+    out = bk.ok("overlay", "commit", uid, "--label", "why=test")
+    new_uid = out.split()[0]
+    assert new_uid != uid and f"of {uid}" in out
+    assert nh.same_bytes(bk.restore(new_uid, tmp_path / "r.img"), new)
+    assert nh.same_bytes(bk.restore(uid, tmp_path / "orig.img"), image)
+    info = json.loads(bk.ok("show", new_uid, "--json"))
+    assert info["parent"] == uid and info["labels"]["why"] == "test"
+    assert json.loads(bk.ok("overlay", "ls", "--json")) == []  # committed overlays are dropped
+    assert bk.run("deep-scrub", "--all").returncode == 0
+
+
+def test_discard_overlay(bk, image, uid, tmp_path):
+    srv = nh.serve(bk, "--writable", "--overlay", "scratch", uid)
+    try:
+        nh.qemu_io(srv.url(uid), f"write -P 0x11 0 {2 * BS}", "flush")
+        with nh.nbd_connected(bk.socket, uid):
+            proc = bk.run("overlay", "discard", uid, "--name", "scratch")
+        assert proc.returncode != 0 and "in use" in proc.stderr
+    finally:
+        srv.stop()
+    assert bk.run("overlay", "discard", uid).returncode != 0  # no overlay named default
+    assert "discarded" in bk.ok("overlay", "discard", uid, "--name", "scratch")
+    assert json.loads(bk.ok("overlay", "ls", "--json")) == []
+    srv = nh.serve(bk, "--writable", "--overlay", "scratch", uid)
+    try:
+        nh.run("nbdcopy", srv.url(uid), tmp_path / "r.img")
+    finally:
+        srv.stop()
+    assert nh.same_bytes(tmp_path / "r.img", image)
+
+
+def test_read_only_server_refuses_writes(bk, image, uid, tmp_path):
+    srv = nh.serve(bk, uid)
+    try:
+        url = srv.url(uid)
+        assert nh.qemu_io(url, "write -P 1 0 4096", check=False).returncode != 0
+        proc = nh.run("nbdcopy", image, url, check=False)
+        assert proc.returncode != 0 and "read-only" in proc.stderr.lower()
+        assert json.loads(nh.run("nbdinfo", "--json", url).stdout)["exports"][0]["is_read_only"] is True
+        # A client that writes anyway gets EPERM (nbdkit sends EROFS as NBD's EPERM).
+        assert nh.nbd_command(bk.socket, uid, nh.NBD_CMD_WRITE, 0, 512, b"x" * 512)[0] == EPERM
+    finally:
+        srv.stop()
+    assert not (bk.data_dir / "overlays").exists()
+
+
+# --- serve ---------------------------------------------------------------------------------------
+def test_serve_background_prints_url_and_stops_clean(bk, image, uid, tmp_path):
+    out = bk.ok("serve", "vm1")
+    url = f"nbd+unix:///vm1?socket={bk.socket}"
+    assert url in out
+    assert f"-drive file={url},format=raw,if=virtio" in out  # the qemu line
+    pid = int(bk.pid_file.read_text())
+    assert nh.pid_alive(pid) and f"kill {pid}" in out
+    assert oct(bk.socket.stat().st_mode & 0o777) == "0o600"
+    nh.run("nbdcopy", url, tmp_path / "r.img")
+    assert nh.same_bytes(tmp_path / "r.img", image)
+    proc = bk.run("serve", "vm1")
+    assert proc.returncode != 0 and "already listens" in proc.stderr  # one server per socket
+    os.kill(pid, signal.SIGTERM)
+    assert nh.wait_gone([bk.socket, bk.pid_file])
+    deadline = time.monotonic() + 10
+    while nh.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not nh.pid_alive(pid)
+
+
+def test_serve_foreground_sigint_and_stale_socket(bk, uid):
+    srv = nh.serve(bk, "--socket", bk.tmp / "s.sock")
+    assert set(srv.urls) == {"vm1"}
+    assert (bk.tmp / "s.sock").exists() and (bk.tmp / "s.pid").exists()
+    rc, err = srv.stop(signal.SIGINT)
+    assert rc == 0, err
+    assert not (bk.tmp / "s.sock").exists() and not (bk.tmp / "s.pid").exists()
+
+    srv = nh.serve(bk)  # a server killed hard leaves a socket; the next one clears it
+    srv.proc.kill()
+    srv.proc.wait()
+    assert bk.socket.exists()
+    srv = nh.serve(bk)
+    assert nh.nbd_opt_go(bk.socket, uid.encode()) == nh.NBD_REP_ACK
+    assert srv.stop()[0] == 0 and not bk.socket.exists()
+
+
+def test_serve_unknown_export_is_one_line_error(bk, uid):
+    for name in ("nope", "../../etc"):
+        proc = bk.run("serve", uid, name)
+        assert proc.returncode == 1
+        assert len(proc.stderr.strip().splitlines()) == 1 and "cannot serve" in proc.stderr
+    assert not bk.socket.exists() and not bk.pid_file.exists()
+    assert bk.run("serve", "--overlay", "x", uid).returncode != 0  # --overlay needs --writable
+    assert bk.run("serve", "--listen", "99999", uid).returncode != 0
+
+
+def test_serve_tcp_with_tls_psk(bk, image, uid, tmp_path):
+    psk, port = tmp_path / "keys.psk", nh.free_port()
+    srv = nh.serve(bk, "--listen", f"127.0.0.1:{port}", "--tls-psk", psk, uid)
+    try:
+        user, key = psk.read_text().strip().split(":")
+        assert user == "backyfs" and len(key) >= 32 and psk.stat().st_mode & 0o077 == 0
+        url = srv.url(uid)
+        assert url == f"nbds://backyfs@127.0.0.1:{port}/{uid}?tls-psk-file={psk}"
+        nh.run("nbdcopy", url, tmp_path / "r.img")
+        assert nh.same_bytes(tmp_path / "r.img", image)
+        plain = nh.run("nbdinfo", f"nbd://127.0.0.1:{port}/{uid}", check=False)
+        assert plain.returncode != 0  # TLS is required
+        wrong = tmp_path / "wrong.psk"
+        wrong.write_text("backyfs:" + "00" * 32 + "\n")
+        bad = nh.run("nbdinfo", f"nbds://backyfs@127.0.0.1:{port}/{uid}?tls-psk-file={wrong}", check=False)
+        assert bad.returncode != 0
+        # The printed qemu arguments work (qemu-img takes the same -object and drive options).
+        obj, drive = re.search(r"-object (\S+) -drive (\S+)", srv.out).groups()
+        drive = drive.replace(",format=raw,if=virtio,snapshot=on", ",driver=raw")
+        info = nh.run("qemu-img", "info", "--output=json", "--object", obj, "--image-opts", drive)
+        assert json.loads(info.stdout)["virtual-size"] == -(-image.stat().st_size // 512) * 512  # sectors
+    finally:
+        srv.stop()
+
+
+def test_help_texts():
+    proc = nh.run(nh.BACKYFS, "serve", "--help")
+    for word in ("--writable", "--tls-psk", "nbd.sock", "overlay", "EIO", "SIGTERM"):
+        assert word in proc.stdout
+    for action in ("ls", "discard", "commit"):
+        assert nh.run(nh.BACKYFS, "overlay", action, "--help").returncode == 0
