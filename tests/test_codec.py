@@ -63,7 +63,8 @@ def test_memoryview_input() -> None:
 @pytest.mark.parametrize("make", [lambda: os.urandom(70_000), lambda: TEXT])
 def test_truncated_or_extended_objects_are_corrupt(make) -> None:
     obj = encode(make())
-    for bad in (obj[:-1], obj[: HEADER_SIZE + 10], obj[:HEADER_SIZE], obj[:HEADER_SIZE - 1], b"", obj + b"\0"):
+    cuts = (obj[:-1], obj[: HEADER_SIZE + 10], obj[:HEADER_SIZE], obj[: HEADER_SIZE - 1], b"", obj + b"\0")
+    for bad in cuts:
         with pytest.raises(CorruptObject):
             decode(bad, "blocks/xx/yy")
 
@@ -119,3 +120,12 @@ def test_codec_store_writes_encoded_objects(tmp_path: Path) -> None:
     (tmp_path / "s" / "a" / "b").write_bytes(raw[:-5])
     with pytest.raises(CorruptObject, match="a/b"):
         store.get("a/b")
+
+
+def test_block_digest_is_blake2b_256_as_hashlib_computes_it() -> None:
+    import hashlib
+
+    from backyfs.repository.repo import _hashlib_digest, block_digest
+
+    for data in (b"", b"x", os.urandom(4096), os.urandom(4 << 20), memoryview(os.urandom(5000))[7:]):
+        assert block_digest(data) == _hashlib_digest(data) == hashlib.blake2b(data, digest_size=32).digest()
