@@ -169,19 +169,25 @@ class BackupWriter:
         work_bytes = _bytes_in(plan.to_read, self.block_size, self.source.size)
         with ThreadPoolExecutor(self.threads, thread_name_prefix="backup") as pool:
             pending: list[Future] = []
-            for block_idx in plan.to_read:
-                gate.acquire()
-                fut = pool.submit(self._block, block_idx)
-                fut.add_done_callback(lambda _f: gate.release())
-                pending.append(fut)
-                pending = self._collect(pending, blocks, plan, wait=False)
-                if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
-                    self._flush()
-                    self.repo.db.update_version(self.uid, heartbeat=time.time())  # gc waits for us
-                    last_checkpoint = time.monotonic()
-                if self.progress:
-                    self.progress(self.stats.bytes_read, work_bytes)
-            self._collect(pending, blocks, plan, wait=True)
+            try:
+                for block_idx in plan.to_read:
+                    gate.acquire()
+                    fut = pool.submit(self._block, block_idx)
+                    fut.add_done_callback(lambda _f: gate.release())
+                    pending.append(fut)
+                    pending = self._collect(pending, blocks, plan, wait=False)
+                    if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
+                        self._flush()
+                        self.repo.db.update_version(self.uid, heartbeat=time.time())  # gc waits for us
+                        last_checkpoint = time.monotonic()
+                    if self.progress:
+                        self.progress(self.stats.bytes_read, work_bytes)
+                self._collect(pending, blocks, plan, wait=True)
+            except BaseException:
+                # Fail fast: blocks still queued would each meet the same error (a dead store
+                # retrying and timing out), so only those already running are waited for.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         if self.progress:
             self.progress(work_bytes, work_bytes)
         return blocks

@@ -131,8 +131,9 @@ class RbdSource:
             return
         result = subprocess.run(cmd, shell=True, capture_output=True, text=True)
         if result.returncode != 0:
-            raise SourceError(f"{what} command failed ({result.returncode}): "
-                              f"{(result.stderr or result.stdout).strip().splitlines()[-1:] or ''}")
+            lines = (result.stderr or result.stdout).strip().splitlines()
+            detail = f": {lines[-1].strip()}" if lines else ""
+            raise SourceError(f"{what} command failed (exit status {result.returncode}){detail}")
 
     def close(self) -> None:
         if self.image is not self.head:

@@ -47,14 +47,21 @@ class S3Store(ObjectStore):
         secret_key: str | None = None,
         path_style: bool = False,
         parallelism: int = 16,
-        max_attempts: int = 5,
+        max_attempts: int = 3,
         connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
+        read_timeout: float = 20.0,
         create_bucket: bool = False,
+        max_pool: int | None = None,
     ) -> None:
         """Without access_key/secret_key boto3 looks for credentials as usual (environment, profile,
         instance role). max_attempts counts the first try; retries back off exponentially on 5xx,
-        throttling, timeouts and refused connections. A non-empty prefix gets a trailing '/'."""
+        throttling, timeouts and refused connections. The defaults bound a dead or hung endpoint
+        to about a minute per request (3 x 20 s read timeout), not botocore's several minutes.
+        A non-empty prefix gets a trailing '/'.
+        max_pool is what backyfs.config passes (sized to its thread count): the pool holds at least
+        that many connections."""
+        if max_pool is not None:
+            parallelism = max(parallelism, max_pool)
         self.bucket = bucket
         self.prefix = prefix.rstrip("/") + "/" if prefix else ""
         host = urlsplit(endpoint_url).netloc.rpartition("@")[2] if endpoint_url else ""
