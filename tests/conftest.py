@@ -7,6 +7,7 @@ Helpers that are not fixtures (write_image, files_equal, ...) are imported by th
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -75,7 +76,7 @@ class RepoEnv:
         self._monkeypatch.setenv("BACKYFS_CONFIG", str(path))
         return path
 
-    def popen(self, *args: str, **kwargs: object) -> subprocess.Popen:
+    def popen(self, *args: object, **kwargs: object) -> subprocess.Popen:
         return subprocess.Popen([BACKYFS, *map(str, args)], env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, **kwargs)  # type: ignore[call-overload]
 
@@ -93,6 +94,7 @@ class RepoEnv:
                 rc = main([str(a) for a in args])
             except SystemExit as exc:  # argparse usage errors
                 rc = exc.code if isinstance(exc.code, int) else 1
+        gc.collect()  # close the run's SQLite connection (it sits in a cycle), as a process exit would
         return Result(rc, out.getvalue(), err.getvalue())
 
     def ok(self, *args: object, subprocess_: bool = False) -> Result:

@@ -74,7 +74,6 @@ def test_flipped_byte_found_by_deep_scrub_and_restore_then_healed(
     assert res.rc == 0, res.err
     assert f"version {uid} is valid again" in res.out
     assert state(repo_env, uid) == "valid"
-    assert files_equal(img, out) is False
     out.unlink()
     repo_env.ok("restore", uid, out)
     assert files_equal(img, out)
@@ -106,7 +105,7 @@ def test_shallow_scrub_detects_deleted_and_truncated_objects(
 
     res = repo_env.run("scrub", uid)
     assert res.rc == 3
-    assert f"block 0 at offset 0: missing" in res.err
+    assert "block 0 at offset 0: missing" in res.err
     assert f"block 5 at offset {5 * BS}: size" in res.err
     assert "2 bad" in res.out
     assert state(repo_env, uid) == "invalid"

@@ -1,0 +1,240 @@
+"""Bad input of every kind: one line on stderr starting with "backyfs:", a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import BACKYFS, BS, RepoEnv, Result, files_equal, read_block, write_image
+
+
+def assert_one_line_error(res: Result, *, rc: int | None = None, contains: str = "") -> None:
+    assert res.rc != 0, f"exit 0 for bad input; stdout: {res.out}"
+    if rc is not None:
+        assert res.rc == rc, res.err
+    assert "Traceback" not in res.err, res.err
+    assert len(res.err_lines) == 1, f"expected one line on stderr, got:\n{res.err}"
+    assert res.err_lines[0].startswith("backyfs:"), res.err
+    assert contains.lower() in res.err.lower(), f"{contains!r} not in {res.err!r}"
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    return write_image(tmp_path / "img", ["rand", "hole", "text"], tail=10)
+
+
+@pytest.fixture
+def with_version(repo_env: RepoEnv, image: Path) -> str:
+    return repo_env.backup(image, "vm")["uid"]
+
+
+@pytest.mark.parametrize("args", [
+    ["restore", "0123456789ab", "{tmp}/out"],
+    ["restore", "no-such-volume", "{tmp}/out"],
+    ["restore", "ffff", "{tmp}/out"],
+    ["show", "0123456789ab"],
+    ["rm", "0123456789ab"],
+    ["protect", "nothing"],
+    ["label", "abcdef123456", "a=b"],
+    ["deep-scrub", "0123456789ab"],
+], ids=lambda a: "-".join(a[:2]))
+def test_unknown_version(repo_env: RepoEnv, with_version: str, tmp_path: Path, args: list[str]) -> None:
+    res = repo_env.run(*[a.format(tmp=tmp_path) for a in args])
+    assert_one_line_error(res, rc=1, contains="unknown version")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_source(repo_env: RepoEnv, tmp_path: Path) -> None:
+    res = repo_env.run("backup", tmp_path / "nope.img", "vm")
+    assert_one_line_error(res, rc=1, contains="No such file")
+    assert repo_env.versions() == []
+
+
+def test_directory_as_source(repo_env: RepoEnv, tmp_path: Path) -> None:
+    res = repo_env.run("backup", tmp_path, "vm")
+    assert_one_line_error(res, rc=1, contains="neither a regular file nor a block device")
+
+
+def test_fifo_as_source_does_not_hang(repo_env: RepoEnv, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    res = repo_env.run("backup", fifo, "vm", timeout=20)
+    assert_one_line_error(res, rc=1, contains="neither a regular file")
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory an unprivileged user can reach (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="backyfs-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_unreadable_source(shared_dir: Path) -> None:
+    img = write_image(shared_dir / "img", ["rand"])
+    img.chmod(0)
+    data = shared_dir / "data"
+    data.mkdir(mode=0o777)
+    data.chmod(0o777)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKYFS_")}
+    env["BACKYFS_DATA_DIR"] = str(data)
+    user = 65534 if os.geteuid() == 0 else None  # root reads anything: run as nobody
+    if user is not None:
+        probe = subprocess.run([BACKYFS, "--version"], user=user, capture_output=True, cwd="/")
+        if probe.returncode != 0:
+            pytest.skip("user nobody cannot run the CLI from this checkout")
+    proc = subprocess.run([BACKYFS, "backup", str(img), "vm"], env=env, capture_output=True, text=True,
+                          user=user, timeout=60, cwd="/")
+    assert_one_line_error(Result(proc.returncode, proc.stdout, proc.stderr), rc=1,
+                          contains="Permission denied")
+
+
+def test_corrupt_store_object(repo_env: RepoEnv, image: Path, with_version: str, tmp_path: Path) -> None:
+    obj = repo_env.block_object(read_block(image, 0))
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 1
+    obj.write_bytes(bytes(data))
+    res = repo_env.run("restore", with_version, tmp_path / "out")
+    assert_one_line_error(res, rc=3, contains="block 0 at offset 0")
+    assert "corrupt" in res.err
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ("block_size = [unclosed\n", "not valid TOML"),
+    ("colour = 'blue'\n", "unknown setting(s) colour"),
+    ("block_size = '3MiB'\n", "power of two"),
+    ("block_size = '32KiB'\n", "power of two"),
+    ("block_size = 'lots'\n", "bad size"),
+    ("threads = 0\n", "threads"),
+    ("threads = 'many'\n", "threads"),
+    ("[store]\ntype = 'tape'\n", "store type"),
+    ("[store]\ntype = 'fs'\ncolour = 'blue'\n", "[store]"),
+    ("[limits]\nread_mb_s = 'fast'\n", "fast"),
+], ids=["bad-toml", "unknown-key", "block-size-3MiB", "block-size-small", "block-size-word",
+        "threads-0", "threads-word", "store-type", "store-key", "limit-word"])
+def test_wrong_config(tmp_path: Path, image: Path, config: str, message: str) -> None:
+    cfg = tmp_path / "backyfs.toml"
+    cfg.write_text(f'data_dir = "{tmp_path / "data"}"\n{config}')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKYFS_")}
+    proc = subprocess.run([BACKYFS, "--config", str(cfg), "backup", str(image), "vm"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert_one_line_error(Result(proc.returncode, proc.stdout, proc.stderr), rc=1, contains=message)
+
+
+def test_missing_config_file(repo_env: RepoEnv, tmp_path: Path) -> None:
+    res = repo_env.run("--config", tmp_path / "nope.toml", "ls")
+    assert_one_line_error(res, rc=1, contains="cannot read config")
+
+
+@pytest.mark.parametrize("name", ["a b", "../etc", "x" * 200, "0123456789ab", "vm/1", "_x", "ümlaut"])
+def test_invalid_volume_name(repo_env: RepoEnv, image: Path, name: str) -> None:
+    res = repo_env.run("backup", image, name)
+    assert_one_line_error(res, rc=1, contains="invalid volume name")
+    assert repo_env.versions() == []
+
+
+def test_restore_onto_existing_file_needs_force(repo_env: RepoEnv, image: Path, with_version: str,
+                                                tmp_path: Path) -> None:
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep me")
+    res = repo_env.run("restore", with_version, target)
+    assert_one_line_error(res, rc=1, contains="--force")
+    assert target.read_bytes() == b"keep me"
+    repo_env.ok("restore", with_version, target, "--force")
+    assert files_equal(image, target)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_full_disk(small_tmpfs: Path, tmp_path: Path) -> None:
+    img = write_image(tmp_path / "big", ["rand"] * 10)  # 40 MiB of random data into 20 MiB
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKYFS_")}
+    env["BACKYFS_DATA_DIR"] = str(small_tmpfs / "data")
+
+    def run(*args: str) -> Result:
+        proc = subprocess.run([BACKYFS, *args], env=env, capture_output=True, text=True, timeout=120)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    res = run("backup", str(img), "vm")
+    assert_one_line_error(res, rc=1, contains="full")
+    listing = run("ls", "--json")
+    assert listing.rc == 0, listing.err
+    assert [v["state"] for v in listing.json()] == ["pending"]  # type: ignore[union-attr]
+    assert run("restore", "vm", str(tmp_path / "out")).rc == 1
+    assert not any(".tmp." in p.name for p in (small_tmpfs / "data" / "store").rglob("*"))
+
+
+@pytest.mark.parametrize("size", [100, 4096, "half"])
+def test_truncated_metadata_db(repo_env: RepoEnv, image: Path, with_version: str, tmp_path: Path,
+                               size: int | str) -> None:
+    db = repo_env.db_path
+    assert not Path(f"{db}-wal").exists()
+    os.truncate(db, db.stat().st_size // 2 if size == "half" else int(size))
+    for args in (["ls"], ["show", with_version], ["restore", with_version, tmp_path / "out"],
+                 ["backup", image, "vm"], ["scrub", "--all"], ["rebuild-db"]):
+        res = repo_env.run(*args)
+        assert_one_line_error(res, rc=1, contains="metadata database")
+
+
+def test_metadata_db_truncated_to_nothing_is_rebuilt(repo_env: RepoEnv, image: Path, with_version: str,
+                                                     tmp_path: Path) -> None:
+    os.truncate(repo_env.db_path, 0)  # an empty file is an empty database ...
+    assert repo_env.versions() == []
+    assert_one_line_error(repo_env.run("show", with_version), rc=1, contains="unknown version")
+    repo_env.ok("rebuild-db", subprocess_=True)  # ... which rebuild-db fills from the store
+    assert [v["uid"] for v in repo_env.versions()] == [with_version]
+    repo_env.ok("restore", with_version, tmp_path / "out")
+    assert files_equal(image, tmp_path / "out")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", "not JSON"),
+    ('{"offset": 0}', "expected a JSON list"),
+    ('[{"length": 4096}]', "entry 0 needs integer offset and length"),
+    ('[{"offset": 0, "length": 10}, {"offset": "x", "length": 1}]', "entry 1"),
+    ('[{"offset": -4096, "length": 4096}]', "negative"),
+    (None, "cannot read hints file"),
+], ids=["not-json", "not-a-list", "no-offset", "bad-offset", "negative", "missing-file"])
+def test_bad_hints_file(repo_env: RepoEnv, image: Path, with_version: str, tmp_path: Path,
+                        content: str | None, message: str) -> None:
+    hints = tmp_path / "hints.json"
+    if content is not None:
+        hints.write_text(content)
+    res = repo_env.run("backup", image, "vm", "--hints", hints)
+    assert_one_line_error(res, rc=1, contains=message)
+    assert [v["uid"] for v in repo_env.versions()] == [with_version]
+
+
+def test_hints_without_a_parent(repo_env: RepoEnv, image: Path, tmp_path: Path) -> None:
+    hints = tmp_path / "hints.json"
+    hints.write_text(f'[{{"offset": 0, "length": {BS}}}]')
+    res = repo_env.run("backup", image, "vm", "--hints", hints)
+    assert_one_line_error(res, rc=1, contains="no valid version to diff against")
+
+
+@pytest.mark.parametrize("args", [["scrub"], ["deep-scrub", "--all", "--percent", "0"],
+                                  ["label", "vm", "novalue"], ["backup", "{img}", "vm", "--label", "=x"]],
+                         ids=["scrub-nothing", "percent-0", "bad-label", "bad-backup-label"])
+def test_bad_arguments(repo_env: RepoEnv, with_version: str, image: Path, args: list[str]) -> None:
+    res = repo_env.run(*[a.format(img=image) for a in args])
+    assert_one_line_error(res, rc=1)
