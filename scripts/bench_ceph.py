@@ -41,6 +41,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import benchlib
+
 TOP = Path(__file__).resolve().parent.parent
 BACKYFS = str(TOP / ".venv" / "bin" / "backyfs")
 OBJ = 4 << 20
@@ -61,13 +63,7 @@ def cluster_env() -> dict[str, str]:
 
 
 def drop_caches() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
+    return benchlib.drop_caches()
 
 
 def timed(cmd: list[str], env: dict[str, str], cold: bool, discard: bool = False) -> tuple[float, str]:

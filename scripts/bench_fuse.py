@@ -27,6 +27,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import benchlib
+
 TOP = Path(__file__).resolve().parent.parent
 BACKYFS = str(TOP / ".venv" / "bin" / "backyfs")
 PLUGIN = TOP / "nbd_plugin" / "backyfs_nbd.py"
@@ -35,17 +37,11 @@ BS = 4 << 20
 
 
 def _env(data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKYFS_")}
-    env["BACKYFS_DATA_DIR"] = str(data_dir)
-    return env
+    return benchlib.backyfs_env(data_dir)
 
 
 def backyfs(data_dir: Path, *args: object) -> str:
-    proc = subprocess.run([BACKYFS, *map(str, args)], env=_env(data_dir), capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_fuse: backyfs {' '.join(map(str, args))}: {proc.stderr.strip()}")
-    return proc.stdout
+    return benchlib.run_backyfs("bench_fuse", _env(data_dir), *args)
 
 
 def cold(data_dir: Path) -> None:

@@ -30,6 +30,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import benchlib
+
 TOP = Path(__file__).resolve().parent.parent
 BACKYFS = str(TOP / ".venv" / "bin" / "backyfs")
 BS = 4 << 20
@@ -37,12 +39,8 @@ TARGETS = {"cold_ratio": 0.8, "warm_ratio": 1.0, "boot_ratio": 1.15}
 
 
 def drop_caches() -> None:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError as exc:
-        raise SystemExit(f"bench_nbd: cannot drop the page cache ({exc.strerror}): needs root") from None
+    if not benchlib.drop_caches():
+        raise SystemExit("bench_nbd: cannot drop the page cache: needs root")
 
 
 def make_image(path: Path, size_gib: float, seed: int = 11) -> Path:
@@ -64,12 +62,7 @@ def make_image(path: Path, size_gib: float, seed: int = 11) -> Path:
 
 
 def _env(data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKYFS_")}
-    env["BACKYFS_DATA_DIR"] = str(data_dir)
-    config = data_dir / "nbdbench" / "backyfs.toml"
-    if config.exists():
-        env["BACKYFS_CONFIG"] = str(config)
-    return env
+    return benchlib.backyfs_env(data_dir, data_dir / "nbdbench" / "backyfs.toml")
 
 
 def write_config(data_dir: Path, memory_mb: int) -> None:
@@ -80,11 +73,7 @@ def write_config(data_dir: Path, memory_mb: int) -> None:
 
 
 def backyfs(data_dir: Path, *args: object) -> str:
-    proc = subprocess.run([BACKYFS, *map(str, args)], env=_env(data_dir), capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_nbd: backyfs {' '.join(map(str, args))}: {proc.stderr.strip()}")
-    return proc.stdout
+    return benchlib.run_backyfs("bench_nbd", _env(data_dir), *args)
 
 
 def ensure_version(data_dir: Path, image: Path, volume: str) -> str:
