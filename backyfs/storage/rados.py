@@ -101,13 +101,6 @@ class RadosStore(ObjectStore):
         except rados.Error as exc:
             raise self._unavailable("read", key, exc) from None
 
-    def exists(self, key: str) -> bool:
-        try:
-            self.size(key)
-        except ObjectMissing:
-            return False
-        return True
-
     def size(self, key: str) -> int:
         name = self._name(key)
         try:

@@ -161,13 +161,6 @@ class S3Store(ObjectStore):
                 raise self._unavailable("read", key, exc) from None
         raise AssertionError("unreachable")
 
-    def exists(self, key: str) -> bool:
-        try:
-            self.size(key)
-        except ObjectMissing:
-            return False
-        return True
-
     def size(self, key: str) -> int:
         name = self._name(key)
         try:
