@@ -203,7 +203,7 @@ class BackupWriter:
             if block_idx in plan.sample and blocks.get(block_idx) != digest:
                 raise HintsMismatch(
                     f"block {block_idx} (offset {block_idx * self.block_size}) changed but is not in the "
-                    "hints: the diff is wrong; back up without --hints")
+                    "diff: the diff is wrong; back up with --full (or without --hints)")
             if digest is None:
                 blocks.pop(block_idx, None)
             else:
