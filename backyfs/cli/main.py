@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:
         module.register(sub)
     for module_name in ("backyfs.cli.serve", "backyfs.cli.mount", "backyfs.cli.files",
-                        "backyfs.cli.jobs"):
+                        "backyfs.cli.overlay", "backyfs.cli.jobs"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:
