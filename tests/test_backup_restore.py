@@ -141,7 +141,7 @@ def test_wrong_hints_are_caught_by_the_sample(repo_env: RepoEnv, tmp_path: Path)
     res = repo_env.run("backup", img, "vm", "--hints", hints)
     assert res.rc != 0
     assert len(res.err_lines) == 1 and res.err_lines[0].startswith("backyfs:"), res.err
-    assert "not in the hints" in res.err
+    assert "not in the diff" in res.err
     assert "Traceback" not in res.err
 
     versions = repo_env.versions("vm")
