@@ -1,11 +1,14 @@
-"""Garbage collection and retention, including gc racing a running backup."""
+"""Garbage collection and retention, gc racing a running backup, and concurrent backups."""
 
 from __future__ import annotations
 
 import os
 import time
 
+import pytest
+
 from backyfs.config import Config, open_repository
+from backyfs.errors import StateError
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import Version
 from backyfs.repository.gc import collect_garbage
@@ -100,3 +103,14 @@ def test_retention_keeps_last_daily_and_protected():
     assert kept == [versions[i].uid for i in (0, 3, 4, 6)]
     assert versions_to_remove(versions, Policy()) == []
     assert versions_to_remove(versions, Policy(last=10)) == []
+
+
+def test_a_second_backup_of_the_same_volume_is_refused_while_one_runs(tmp_path):
+    repo = _repo(tmp_path)
+    path = _image(tmp_path / "img", [os.urandom(4 * MiB)])
+    first = BackupWriter(repo, FileSource(path), "vol")
+    with first._volume_lock():
+        with pytest.raises(StateError, match="already running"):
+            BackupWriter(repo, FileSource(path), "vol").run()
+        BackupWriter(repo, FileSource(path), "other").run()  # other volumes are not blocked
+    assert BackupWriter(repo, FileSource(path), "vol").run().state == "valid"

@@ -7,6 +7,8 @@ it references was flushed to the store; until then it is pending, and a re-run r
 
 from __future__ import annotations
 
+import fcntl
+import os
 import random
 import threading
 import time
@@ -15,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from backyfs.errors import BackyfsError, SourceError
+from backyfs.errors import BackyfsError, SourceError, StateError
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import Version
 from backyfs.repository.extents import Extent, blocks_touched
@@ -88,6 +90,24 @@ class BackupWriter:
 
     # --- the run --------------------------------------------------------------------------
     def run(self) -> Version:
+        with self._volume_lock():
+            return self._run()
+
+    def _volume_lock(self):
+        """One backup per volume at a time on this repository: a second one would resume the first's
+        pending version under its feet. The lock dies with the process, so kill -9 leaves none."""
+        lock_dir = os.path.join(os.path.dirname(os.path.abspath(self.repo.db.path)), "locks")
+        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(lock_dir, f"{self.volume}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateError(f"a backup of volume {self.volume} is already running") from None
+        return os.fdopen(fd)  # closing it (end of the with block) releases the lock
+
+    def _run(self) -> Version:
         started = time.monotonic()
         version = self._open_version()
         self.uid = version.uid
