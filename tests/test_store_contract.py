@@ -99,6 +99,13 @@ def test_round_trip(store: ObjectStore, size: int) -> None:
     store.put("blocks/ab/abcdef", data)
     assert store.get("blocks/ab/abcdef") == data
     assert store.size("blocks/ab/abcdef") == size
+    head, rest = store.get_split("blocks/ab/abcdef", 16)
+    assert bytes(head) == data[:16] and bytes(rest) == data[16:]
+
+
+def test_get_split_of_a_missing_key_raises(store: ObjectStore) -> None:
+    with pytest.raises(ObjectMissing):
+        store.get_split("blocks/ab/absent", 16)
 
 
 def test_put_accepts_memoryview(store: ObjectStore) -> None:

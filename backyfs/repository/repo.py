@@ -83,7 +83,8 @@ class Repository:
         """Fetch a block and check it against its digest (CorruptObject / ObjectMissing otherwise)."""
         key = block_key(digest)
         try:
-            data = codec.decode(self.store.get(key), key)
+            header, payload = self.store.get_split(key, codec.HEADER_SIZE)
+            data = codec.decode_split(header, payload, key)
         except ObjectMissing:
             raise ObjectMissing(f"block {digest.hex()[:16]} is missing from the store") from None
         if block_digest(data) != digest:

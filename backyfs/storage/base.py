@@ -48,6 +48,12 @@ class ObjectStore(abc.ABC):
         """Stored size in bytes of key (raise ObjectMissing). Backends override this with a cheap stat."""
         return len(self.get(key))
 
+    def get_split(self, key: str, head: int) -> tuple[bytes, bytes | memoryview]:
+        """The value of key as (first `head` bytes, the rest). Backends that can read the two parts
+        separately override this, so a caller needing just the rest gets it without a copy."""
+        data = self.get(key)
+        return data[:head], memoryview(data)[head:]
+
     def flush(self) -> None:
         """Make every put so far durable. Backends whose put is durable on return do nothing."""
 

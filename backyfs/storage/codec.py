@@ -70,25 +70,32 @@ def encode(data: bytes | memoryview, level: int = 1) -> bytes:
     return HEADER.pack(MAGIC, FORMAT_VERSION, CODEC_RAW, plain_len, plain_len) + bytes(data)
 
 
-def parse_header(obj: bytes, key: str = "object") -> tuple[int, int, int]:
-    """Return (codec, plain_len, payload_len) after checking magic, version and total length."""
+def parse_header(obj: bytes, key: str = "object", total_len: int | None = None) -> tuple[int, int, int]:
+    """Return (codec, plain_len, payload_len) after checking magic, version and total length.
+    obj may be the whole object or just its header, with total_len the whole object's length."""
+    total = len(obj) if total_len is None else total_len
     if len(obj) < HEADER_SIZE:
         raise CorruptObject(f"{key}: truncated header ({len(obj)} bytes)")
     magic, version, codec, plain_len, payload_len = HEADER.unpack_from(obj)
     if magic != MAGIC or version != FORMAT_VERSION or codec not in (CODEC_RAW, CODEC_ZSTD):
         raise CorruptObject(f"{key}: bad header")
-    if len(obj) != HEADER_SIZE + payload_len:
-        raise CorruptObject(f"{key}: length {len(obj)} does not match header ({HEADER_SIZE + payload_len})")
+    if total != HEADER_SIZE + payload_len:
+        raise CorruptObject(f"{key}: length {total} does not match header ({HEADER_SIZE + payload_len})")
     if codec == CODEC_RAW and plain_len != payload_len:
         raise CorruptObject(f"{key}: raw object with plaintext length {plain_len} != payload {payload_len}")
     return codec, plain_len, payload_len
 
 
 def decode(obj: bytes, key: str = "object") -> bytes:
-    codec, plain_len, _ = parse_header(obj, key)
-    payload = memoryview(obj)[HEADER_SIZE:]
+    return decode_split(obj[:HEADER_SIZE], memoryview(obj)[HEADER_SIZE:], key)
+
+
+def decode_split(header: bytes, payload: bytes | memoryview, key: str = "object") -> bytes:
+    """Decode an object read as header and payload. A raw payload that is already bytes is returned
+    as it is: no copy of the block on the export's cold-read path."""
+    codec, plain_len, _ = parse_header(header, key, HEADER_SIZE + len(payload))
     if codec == CODEC_RAW:
-        return bytes(payload)
+        return payload if type(payload) is bytes else bytes(payload)
     try:
         plain = _decompressor().decompress(payload, max_output_size=plain_len)
     except zstandard.ZstdError as exc:

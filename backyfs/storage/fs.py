@@ -64,6 +64,25 @@ class FilesystemStore(ObjectStore):
         except OSError as exc:
             raise StoreUnavailable(f"cannot read {key} from {self.url}: {exc.strerror}") from None
 
+    def get_split(self, key: str, head: int) -> tuple[bytes, bytes | memoryview]:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectMissing(f"object {key} is missing from {self.url}") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {key} from {self.url}: {exc.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            first = os.pread(fd, head, 0)
+            rest = os.pread(fd, max(size - head, 0), head)
+            if len(first) + len(rest) != size:  # changed under us: fall back to one whole read
+                return super().get_split(key, head)
+            return first, rest
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {key} from {self.url}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+
     def exists(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
 
