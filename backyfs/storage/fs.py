@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import threading
@@ -10,8 +9,6 @@ from collections.abc import Iterator
 
 from backyfs.errors import ObjectMissing, StoreUnavailable
 from backyfs.storage.base import ObjectStore
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def check_key(key: str) -> str:
@@ -27,6 +24,8 @@ class FilesystemStore(ObjectStore):
         self.root = os.path.abspath(root)
         self.url = f"file:{self.root}"
         self.fsync = fsync
+        self._lock = threading.Lock()
+        self._dirty_dirs: set[str] = set()
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
         except OSError as exc:
@@ -38,8 +37,11 @@ class FilesystemStore(ObjectStore):
     def put(self, key: str, data: bytes | memoryview) -> None:
         path = self._path(key)
         tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident():x}"
+        directory = os.path.dirname(path)
         try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            if not os.path.isdir(directory):
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                self._touched(os.path.dirname(directory))  # the new directory's own entry
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 view = memoryview(data)
@@ -50,6 +52,7 @@ class FilesystemStore(ObjectStore):
             finally:
                 os.close(fd)
             os.rename(tmp, path)
+            self._touched(directory)
         except OSError as exc:
             _unlink_quietly(tmp)
             reason = "store is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
@@ -108,15 +111,27 @@ class FilesystemStore(ObjectStore):
                 if key.startswith(prefix):
                     yield key
 
+    def _touched(self, directory: str) -> None:
+        with self._lock:
+            self._dirty_dirs.add(directory)
+
     def flush(self) -> None:
-        """Make every rename so far durable (directory entries): one syncfs instead of an fsync per dir."""
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        """Make every rename so far durable: fsync the directories that got new entries. (Each
+        object's data was fsynced before its rename.) Unlike syncfs, this never waits for unrelated
+        dirty data on the same filesystem, such as a restore running beside a backup."""
+        with self._lock:
+            dirs, self._dirty_dirs = self._dirty_dirs, set()
         try:
-            if _libc.syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise StoreUnavailable(f"cannot sync {self.url}: {os.strerror(err)}")
-        finally:
-            os.close(fd)
+            for directory in sorted(dirs, key=len, reverse=True):
+                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            with self._lock:
+                self._dirty_dirs |= dirs  # try them again on the next flush
+            raise StoreUnavailable(f"cannot sync {self.url}: {exc.strerror}") from None
 
 
 def _unlink_quietly(path: str) -> None:
