@@ -43,6 +43,9 @@ from typing import Any
 
 import benchlib
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import ceph_env  # noqa: E402  (tests/ceph_env.py)
+
 TOP = Path(__file__).resolve().parent.parent
 BACKYFS = str(TOP / ".venv" / "bin" / "backyfs")
 OBJ = 4 << 20
@@ -376,26 +379,9 @@ def bench_s3(size_gib: float = 1, *, work: Path | None = None, idle_wait_s: floa
                     op: round(result[kind][f"{op}_mb_s"] / result["fs"][f"{op}_mb_s"], 2)
                     for op in ("backup", "restore")}
     finally:
-        _drop_bucket(env, bucket)
+        ceph_env.drop_s3_bucket(env, bucket)
         _drop_rados_prefix(env, prefix)
     return result
-
-
-def _drop_bucket(env: dict[str, str], bucket: str) -> None:
-    import boto3
-
-    client = boto3.session.Session().client(
-        "s3", endpoint_url=env["BACKYFS_TEST_S3_ENDPOINT"], region_name="us-east-1",
-        aws_access_key_id=env["BACKYFS_TEST_S3_ACCESS_KEY"],
-        aws_secret_access_key=env["BACKYFS_TEST_S3_SECRET_KEY"])
-    try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
-            if keys:
-                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
-        client.delete_bucket(Bucket=bucket)
-    except client.exceptions.NoSuchBucket:
-        pass
 
 
 def _drop_rados_prefix(env: dict[str, str], prefix: str) -> None:

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
 import statistics
@@ -135,23 +134,6 @@ def bench_fuse(data_dir: Path, version: str, *, runs: int = 3, nbd: bool = True)
     return out
 
 
-def make_image(path: Path, size_gib: float, seed: int = 5) -> Path:
-    """A used VM disk: runs of 32 MiB, 25% holes, 50% random, 25% compressible text."""
-    rng = random.Random(seed)
-    nblocks = int(size_gib * (1 << 30)) // BS
-    text = b"".join(b"%08x the quick brown fox jumps over the lazy dog\n" % i for i in range(90000))
-    with open(path, "wb") as f:
-        f.truncate(nblocks * BS)
-        for run in range(0, nblocks, 8):
-            kind = rng.choices(["hole", "rand", "text"], [1, 2, 1])[0]
-            for idx in range(run, min(run + 8, nblocks)):
-                if kind != "hole":
-                    start = rng.randrange(len(text) - BS)
-                    data = rng.randbytes(BS) if kind == "rand" else text[start : start + BS]
-                    os.pwrite(f.fileno(), data, idx * BS)
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,7 +148,7 @@ def main() -> None:
         args.data_dir.mkdir(parents=True, exist_ok=True)
         image = args.data_dir / "bench.img"
         if not image.exists() or image.stat().st_size != int(args.size_gib * (1 << 30)) // BS * BS:
-            make_image(image, args.size_gib)
+            benchlib.make_image(image, args.size_gib, seed=5)
         versions = json.loads(backyfs(args.data_dir, "ls", "--json", "fusebench"))
         if versions and versions[-1]["size"] == image.stat().st_size:
             version = versions[-1]["uid"]

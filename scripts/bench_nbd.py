@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import random
 import shutil
 import signal
 import statistics
@@ -41,24 +39,6 @@ TARGETS = {"cold_ratio": 0.8, "warm_ratio": 1.0, "boot_ratio": 1.15}
 def drop_caches() -> None:
     if not benchlib.drop_caches():
         raise SystemExit("bench_nbd: cannot drop the page cache: needs root")
-
-
-def make_image(path: Path, size_gib: float, seed: int = 11) -> Path:
-    """Like a used VM disk: in 32 MiB runs, 25% holes, 50% random, 25% compressible text."""
-    nblocks = int(size_gib * (1 << 30)) // BS
-    rng = random.Random(seed)
-    text = b"".join(b"%08x the quick brown fox jumps over the lazy dog\n" % i for i in range(80000))
-    with open(path, "wb") as f:
-        f.truncate(nblocks * BS)
-        for run in range(0, nblocks, 8):
-            kind = rng.choices(["hole", "rand", "text"], [1, 2, 1])[0]
-            for idx in range(run, min(run + 8, nblocks)):
-                if kind == "rand":
-                    os.pwrite(f.fileno(), rng.randbytes(BS), idx * BS)
-                elif kind == "text":
-                    start = rng.randrange(len(text) - BS)
-                    os.pwrite(f.fileno(), text[start : start + BS], idx * BS)
-    return path
 
 
 def _env(data_dir: Path) -> dict[str, str]:
@@ -205,7 +185,7 @@ def main() -> int:
         image = args.data_dir.parent / f"image-{args.size_gib:g}g.img"
         if not image.exists():
             image.parent.mkdir(parents=True, exist_ok=True)
-            make_image(image, args.size_gib)
+            benchlib.make_image(image, args.size_gib, seed=11)
     results = {"read": bench_nbd(image, args.data_dir, runs=args.runs, memory_mb=args.memory_mb)}
     if not args.no_boot:
         results["boot"] = bench_boot(args.data_dir)

@@ -94,3 +94,16 @@ def rgw(env: dict[str, str], action: str) -> None:
     """Stop ("rgw-stop") or start ("rgw-start") the cluster's radosgw."""
     script, directory = env["BACKYFS_TEST_CEPH_SCRIPT"], env["BACKYFS_CEPH_DIR"]
     subprocess.run([script, action, directory], check=True, timeout=120)
+
+
+def drop_s3_bucket(env: dict[str, str], bucket: str) -> None:
+    """Delete a bucket and everything in it; a bucket that is already gone is fine."""
+    client = s3_client(env)
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", ())]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        client.delete_bucket(Bucket=bucket)
+    except client.exceptions.NoSuchBucket:
+        pass

@@ -34,15 +34,7 @@ def s3_bucket() -> Iterator[tuple[dict[str, str], str]]:
     env = ceph_env.cluster()
     bucket = f"backyfs-test-{uuid.uuid4().hex[:12]}"
     yield env, bucket
-    client = ceph_env.s3_client(env)
-    try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-            keys = [{"Key": item["Key"]} for item in page.get("Contents", ())]
-            if keys:
-                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
-        client.delete_bucket(Bucket=bucket)
-    except client.exceptions.NoSuchBucket:
-        pass
+    ceph_env.drop_s3_bucket(env, bucket)
 
 
 def s3_config(env: dict[str, str], bucket: str) -> str:
