@@ -119,6 +119,25 @@ class RepoEnv:
 
 
 @pytest.fixture
+def nobody_can_run_cli() -> Iterator[None]:
+    """Let user nobody reach the venv and the checkout for tests that run the CLI unprivileged. CI may
+    clone into a 0700 directory (mktemp -d): this adds only o+x (traverse, not list) to the
+    checkout and its ancestors where missing, and puts their modes back afterwards."""
+    top = Path(__file__).resolve().parent.parent
+    changed = []
+    for directory in (top, *top.parents):
+        mode = directory.stat().st_mode & 0o7777
+        if not mode & 0o001:
+            os.chmod(directory, mode | 0o001)
+            changed.append((directory, mode))
+    try:
+        yield
+    finally:
+        for directory, mode in reversed(changed):
+            os.chmod(directory, mode)
+
+
+@pytest.fixture
 def repo_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RepoEnv:
     return RepoEnv(tmp_path, monkeypatch)
 

@@ -240,7 +240,7 @@ def test_journal_is_replayed(repo_env, tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root to switch user")
-def test_restore_as_ordinary_user(repo_env, ext4_version):
+def test_restore_as_ordinary_user(repo_env, ext4_version, nobody_can_run_cli):
     """No privileges needed: a user who can read the repository restores files as their own."""
     uid, spec, _tree = ext4_version
     work = Path(tempfile.mkdtemp(prefix="backyfs-user-"))  # pytest's tmp_path is root-only
