@@ -24,11 +24,11 @@ class MemoryCache:
         self.lock = threading.Lock()
         self.enabled = max_bytes > 0
 
-    def get(self, digest: bytes) -> bytes | None:
+    def get(self, digest: bytes) -> bytes | memoryview | None:
         with self.lock:
             return self.lru.get(digest)
 
-    def put(self, digest: bytes, data: bytes) -> None:
+    def put(self, digest: bytes, data: bytes | memoryview) -> None:
         if not self.enabled or len(data) > self.lru.maxsize:
             return
         with self.lock:
@@ -97,7 +97,7 @@ class DiskCache:
                 pass
         return data
 
-    def put(self, digest: bytes, data: bytes) -> None:
+    def put(self, digest: bytes, data: bytes | memoryview) -> None:
         if self.max_bytes <= 0 or len(data) > self.max_bytes:
             return
         hexd = digest.hex()

@@ -43,7 +43,7 @@ class BlockFetcher:
         self.in_flight: dict[bytes, Future] = {}
         self.pool = ThreadPoolExecutor(readahead_threads, thread_name_prefix="readahead")
 
-    def get(self, digest: bytes) -> bytes:
+    def get(self, digest: bytes) -> bytes | memoryview:
         data = self.memory.get(digest)
         if data is not None:
             return data
@@ -65,7 +65,7 @@ class BlockFetcher:
             with self.lock:
                 self.in_flight.pop(digest, None)
 
-    def _load(self, digest: bytes) -> bytes:
+    def _load(self, digest: bytes) -> bytes | memoryview:
         if self.disk is not None:
             data = self.disk.get(digest)
             if data is not None and block_digest(data) == digest:
@@ -116,7 +116,7 @@ class ExportDevice:
         return self.overlay is not None
 
     # --- reads ----------------------------------------------------------------------------
-    def read_block(self, block_idx: int) -> bytes:
+    def read_block(self, block_idx: int) -> bytes | memoryview:
         """The whole block (shorter for a partial last block)."""
         length = self.blockmap.block_length(block_idx)
         if self.overlay is not None:
@@ -145,7 +145,9 @@ class ExportDevice:
             self._maybe_readahead(block_idx)
             data = self.read_block(block_idx)
             parts.append(data if (start, end) == (0, len(data)) else data[start:end])
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(parts) == 1:
+            return parts[0] if type(parts[0]) is bytes else bytes(parts[0])  # blocks may be views
+        return b"".join(parts)
 
     def readinto(self, buf: bytearray | memoryview, offset: int) -> None:
         """pread into a caller's buffer: one copy per piece, no joins (the NBD hot path)."""
@@ -182,7 +184,7 @@ class ExportDevice:
             parts.append(data if (start, end) == (0, len(data)) else memoryview(data)[start:end])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _memory_block(self, block_idx: int) -> bytes | None:
+    def _memory_block(self, block_idx: int) -> bytes | memoryview | None:
         length = self.blockmap.block_length(block_idx)
         if self.overlay is not None:
             state = self.overlay.block_state(block_idx)

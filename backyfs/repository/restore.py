@@ -98,8 +98,10 @@ _SPARSE_CHUNK = 64 * 1024
 _ZERO_CHUNK = bytes(_SPARSE_CHUNK)
 
 
-def _write_sparse(target: RestoreTarget, offset: int, data: bytes) -> None:
+def _write_sparse(target: RestoreTarget, offset: int, data: bytes | memoryview) -> None:
     """Write only the non-zero 64 KiB runs of a block, so partly-zero blocks stay sparse."""
+    if type(data) is not bytes:
+        data = bytes(data)  # a mapped block: bytes has the fast zero test below
     view = memoryview(data)
     run_start = None
     for pos in range(0, len(data), _SPARSE_CHUNK):

@@ -87,15 +87,16 @@ def parse_header(obj: bytes, key: str = "object", total_len: int | None = None) 
 
 
 def decode(obj: bytes, key: str = "object") -> bytes:
-    return decode_split(obj[:HEADER_SIZE], memoryview(obj)[HEADER_SIZE:], key)
+    data = decode_split(obj[:HEADER_SIZE], memoryview(obj)[HEADER_SIZE:], key)
+    return data if type(data) is bytes else bytes(data)
 
 
-def decode_split(header: bytes, payload: bytes | memoryview, key: str = "object") -> bytes:
-    """Decode an object read as header and payload. A raw payload that is already bytes is returned
-    as it is: no copy of the block on the export's cold-read path."""
+def decode_split(header: bytes, payload: bytes | memoryview, key: str = "object") -> bytes | memoryview:
+    """Decode an object read as header and payload. A raw payload is returned as it is, a view
+    included: no copy of the block on the export's cold-read path."""
     codec, plain_len, _ = parse_header(header, key, HEADER_SIZE + len(payload))
     if codec == CODEC_RAW:
-        return payload if type(payload) is bytes else bytes(payload)
+        return payload
     try:
         plain = _decompressor().decompress(payload, max_output_size=plain_len)
     except zstandard.ZstdError as exc:
