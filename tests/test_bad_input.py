@@ -235,3 +235,19 @@ def test_hints_without_a_parent(repo_env: RepoEnv, image: Path, tmp_path: Path) 
 def test_bad_arguments(repo_env: RepoEnv, with_version: str, image: Path, args: list[str]) -> None:
     res = repo_env.run(*[a.format(img=image) for a in args])
     assert_one_line_error(res, rc=1)
+
+
+def test_the_parser_loads_only_what_a_command_needs() -> None:
+    """A core command's run builds a parser without the NBD/FUSE modules (start-up time); anything
+    else, the top-level help included, gets every command."""
+    from backyfs.cli.main import _command_word, build_parser
+
+    def commands(argv: list[str]) -> set[str]:
+        parser = build_parser(_command_word(argv))
+        return set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+
+    every = commands([])
+    assert {"backup", "serve", "mount", "overlay", "jobs"} <= every
+    assert "serve" not in commands(["--config", "serve", "-v", "backup", "rbd:p/i", "vm"])
+    for argv in (["serve", "vm"], ["-h", "backup"], ["--help"], ["--verbose"], ["nonsense"]):
+        assert commands(argv) == every, argv
