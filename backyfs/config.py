@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 
 from backyfs.errors import ConfigError
@@ -94,6 +93,8 @@ def load_config(path: str | None = None) -> Config:
     path = path or os.environ.get(ENV_CONFIG)
     if not path:
         return Config()
+    import tomllib  # here, not at the top: ~10 ms that a run on the embedded default never needs
+
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
