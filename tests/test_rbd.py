@@ -245,6 +245,27 @@ def test_unchanged_volume_reads_no_data(repo_env: RepoEnv, rbd_pool: RbdPool) ->
     restore_and_compare(repo_env, rbd, v2["uid"], data)
 
 
+def test_a_backup_that_cannot_start_leaves_no_snapshot(repo_env: RepoEnv, rbd_pool: RbdPool) -> None:
+    """The snapshot is taken in a thread while the repository opens; when the backup then fails (here:
+    an unknown parent), the fresh snapshot is removed again and no version is made."""
+    rbd = rbd_pool
+    data = rbd.tmp / "data.bin"
+    data.write_bytes(random.Random(4).randbytes(5 * MiB))
+    image = rbd.name("nostart")
+    rbd.cli("import", "--image-feature", FEATURES, str(data), f"{rbd.pool}/{image}")
+
+    for args in (["--parent", "feedbeef0000"], ["--incremental"]):
+        res = repo_env.run("backup", rbd.spec(image), "never", *args)
+        assert res.rc == 1 and len(res.err_lines) == 1, res.err
+        assert rbd.backyfs_snapshots(image) == []
+    assert repo_env.versions() == []
+    # A bad volume name is refused before any snapshot too; a good run then works as usual.
+    assert repo_env.run("backup", rbd.spec(image), "bad/name").rc == 1
+    assert rbd.backyfs_snapshots(image) == []
+    stats, _ = backup(repo_env, rbd.spec(image), "never")
+    assert rbd.backyfs_snapshots(image) == [show(repo_env, stats["uid"])["snapshot"]]
+
+
 def test_restore_onto_an_existing_image(repo_env: RepoEnv, rbd_pool: RbdPool) -> None:
     rbd = rbd_pool
     rng = random.Random(3)

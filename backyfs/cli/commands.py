@@ -10,8 +10,6 @@ import time
 from backyfs.cli.progress import Progress
 from backyfs.config import load_config, open_repository
 from backyfs.errors import BackyfsError
-from backyfs.repository.extents import load_hints
-from backyfs.repository.repo import check_volume_name
 
 
 class DataProblem(BackyfsError):
@@ -58,23 +56,48 @@ def _choose_parent(repo, args: argparse.Namespace, volume: str):
     return parent
 
 
+def _open_backup(args: argparse.Namespace):
+    """The repository, parent version, source and hints of a backup. An RBD source loads librbd and
+    connects in a thread from the start, and takes its snapshot there once the arguments are checked,
+    while this thread opens the repository (see sources.OpeningSource). If the backup cannot go on,
+    a snapshot already taken is removed again."""
+    from backyfs.sources import start_source, takes_snapshots
+
+    if (args.pre_snapshot or args.post_snapshot) and not takes_snapshots(args.source):
+        raise BackyfsError("--pre-snapshot/--post-snapshot need a source that snapshots (rbd:POOL/IMAGE)")
+    opening = start_source(args.source, pre_cmd=args.pre_snapshot, post_cmd=args.post_snapshot)
+    try:
+        from backyfs.repository.repo import check_volume_name
+
+        cfg = load_config(args.config)
+        volume = check_volume_name(args.volume)
+        opening.snapshot()
+        repo = open_repository(cfg, read_mb_s=None, write_mb_s=args.write_limit)
+        parent = _choose_parent(repo, args, volume)
+        hints = None
+        if args.hints:
+            from backyfs.repository.extents import load_hints
+
+            hints = load_hints(args.hints)
+        source = opening.result()
+    except BaseException:
+        opening.abandon()
+        raise
+    if hasattr(source, "changes"):  # RBD: diff against the parent's snapshot, not the user's hints
+        try:
+            hints = source.changes(parent)
+        except BaseException:
+            source.discard_snapshot()
+            source.close()
+            raise
+    return cfg, volume, repo, parent, source, hints
+
+
 def run_backup(args: argparse.Namespace):
     """Back up args.source as args.volume; returns (version, parent). Shared by `backup` and `job run`."""
+    cfg, volume, repo, parent, source, hints = _open_backup(args)
     from backyfs.repository.writer import BackupWriter
-    from backyfs.sources import open_source
 
-    cfg = load_config(args.config)
-    volume = check_volume_name(args.volume)
-    repo = open_repository(cfg, read_mb_s=None, write_mb_s=args.write_limit)
-    parent = _choose_parent(repo, args, volume)
-    hints = load_hints(args.hints) if args.hints else None
-    source = open_source(args.source)
-    if hasattr(source, "prepare"):  # RBD: snapshot now, diff against the parent's snapshot
-        source.pre_cmd, source.post_cmd = args.pre_snapshot, args.post_snapshot
-        hints = source.prepare(parent, hints)
-    elif args.pre_snapshot or args.post_snapshot:
-        source.close()
-        raise BackyfsError("--pre-snapshot/--post-snapshot need a source that snapshots (rbd:POOL/IMAGE)")
     read_limit = args.read_limit if args.read_limit is not None else cfg.read_mb_s
     writer = BackupWriter(repo, source, volume, parent=parent, hints=hints, labels=_labels(args.label),
                           block_size=cfg.block_size, threads=cfg.threads, read_limit=read_limit * 1e6,

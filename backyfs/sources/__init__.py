@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
+
+
+def takes_snapshots(spec: str) -> bool:
+    """Whether the source of spec snapshots itself (and so runs --pre/--post-snapshot commands)."""
+    return spec.startswith("rbd:")
 
 
 def open_source(spec: str) -> Any:
     """A source from a command-line spec: a path, or rbd:POOL/IMAGE."""
-    if spec.startswith("rbd:"):
+    if takes_snapshots(spec):
         from backyfs.sources.rbd import RbdSource
 
         return RbdSource.from_spec(spec)
@@ -16,8 +22,77 @@ def open_source(spec: str) -> Any:
     return FileSource(spec)
 
 
+class OpeningSource:
+    """A backup source being opened in a thread. For RBD that is loading librbd and connecting, then,
+    once the caller has checked its arguments and calls snapshot(), taking the snapshot: mostly
+    waiting on the cluster with the GIL released, so it overlaps the caller opening the repository.
+    A file source opens on result(), in the caller's thread."""
+
+    def __init__(self, spec: str, pre_cmd: str | None, post_cmd: str | None) -> None:
+        self.spec, self.pre_cmd, self.post_cmd = spec, pre_cmd, post_cmd
+        self._source: Any = None
+        self._error: BaseException | None = None
+        self._go = threading.Event()  # snapshot() or abandon() was called
+        self._cancelled = False
+        self._thread: threading.Thread | None = None
+        if takes_snapshots(spec):
+            self._thread = threading.Thread(target=self._open, name="open-source")
+            self._thread.start()
+
+    def _open(self) -> None:
+        try:
+            source = open_source(self.spec)
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+            return
+        source.pre_cmd, source.post_cmd = self.pre_cmd, self.post_cmd
+        self._go.wait()
+        try:
+            if self._cancelled:
+                raise RuntimeError("abandoned before the snapshot")
+            source.take_snapshot()
+        except BaseException as exc:
+            source.close()
+            self._error = exc
+            return
+        self._source = source
+
+    def snapshot(self) -> None:
+        """Let the snapshot be taken (with the pre/post-snapshot commands) as soon as the source is open."""
+        self._go.set()
+
+    def result(self) -> Any:
+        """The open source, snapshotted if it snapshots; raises what opening it raised."""
+        if self._thread is None:
+            return open_source(self.spec)
+        self.snapshot()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._source
+
+    def abandon(self) -> None:
+        """The backup stopped before using the source: close it, removing a snapshot already taken."""
+        if self._thread is None:
+            return
+        self._cancelled = True
+        self._go.set()
+        self._thread.join()
+        if self._source is not None:
+            try:
+                self._source.discard_snapshot()
+            finally:
+                self._source.close()
+                self._source = None
+
+
+def start_source(spec: str, *, pre_cmd: str | None = None, post_cmd: str | None = None) -> OpeningSource:
+    """Start opening the source of spec (see OpeningSource); pre/post_cmd run around its snapshot."""
+    return OpeningSource(spec, pre_cmd, post_cmd)
+
+
 def open_target(spec: str, size: int, *, force: bool, sparse: bool) -> Any:
-    if spec.startswith("rbd:"):
+    if takes_snapshots(spec):
         from backyfs.sources.rbd import RbdTarget
 
         return RbdTarget.from_spec(spec, size, force=force)

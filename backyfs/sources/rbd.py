@@ -81,6 +81,12 @@ class RbdSource:
     def prepare(self, parent, hints: list[Extent] | None) -> list[Extent] | None:
         """Snapshot the image; return the changed extents since the parent's snapshot, or None for a
         full read. Hints given by the user are not needed for RBD and are ignored."""
+        self.take_snapshot()
+        return self.changes(parent)
+
+    def take_snapshot(self) -> None:
+        """Snapshot the image between the pre- and post-snapshot commands; reads then see the snapshot.
+        Needs no repository, so it can run while the caller opens one (librbd releases the GIL)."""
         self.snapshot = f"{SNAP_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
         self._run_hook(self.pre_cmd, "pre-snapshot")
         try:
@@ -89,6 +95,10 @@ class RbdSource:
             self._run_hook(self.post_cmd, "post-snapshot")
         self.image = self.rbd.Image(self.conn.ioctx, self.name, snapshot=self.snapshot, read_only=True)
         self.size = self.image.size()
+
+    def changes(self, parent) -> list[Extent] | None:
+        """The extents changed since the parent version's snapshot, or None (read everything) without
+        a parent or when its snapshot is gone."""
         if parent is None:
             return None
         snaps = {s["name"] for s in self.head.list_snaps()}
@@ -97,6 +107,19 @@ class RbdSource:
                         parent.snapshot, parent.uid)
             return None
         return self._diff(parent.snapshot)
+
+    def discard_snapshot(self) -> None:
+        """Remove the snapshot this run took, when the backup stops before any version used it."""
+        if self.snapshot is None:
+            return
+        if self.image is not self.head:
+            self.image.close()
+            self.image = self.head
+        try:
+            self.head.remove_snap(self.snapshot)
+        except self.rbd.Error as exc:
+            log.warning("cannot remove the unused snapshot %s: %s", self.snapshot, exc)
+        self.snapshot = None
 
     def _diff(self, from_snapshot: str | None) -> list[Extent]:
         extents: list[Extent] = []
