@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 from backyfs.cli.progress import Progress
-from backyfs.config import load_config, open_repository
 from backyfs.errors import BackyfsError
+
+# Imported by the commands when they run, not with the parser: an RBD backup starts loading librbd and
+# connecting (sources.OpeningSource) right after parsing, so what comes before that is kept short.
+# config pulls in dataclasses and inspect (~15 ms with a cold page cache).
+
+
+def load_config(path: str | None):
+    from backyfs.config import load_config
+
+    return load_config(path)
+
+
+def open_repository(cfg, **limits: float | None):
+    from backyfs.config import open_repository
+
+    return open_repository(cfg, **limits)
 
 
 class DataProblem(BackyfsError):
@@ -31,6 +45,8 @@ def _labels(pairs: list[str]) -> dict[str, str]:
 
 
 def _print_json(data: object) -> None:
+    import json
+
     json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
 
@@ -255,6 +271,8 @@ def cmd_label(args: argparse.Namespace) -> int:
     version = repo.resolve(args.version)
     repo.db.set_labels(version.uid, _labels(args.labels), remove=args.remove or [])
     repo.save_version(version)
+    import json
+
     print(json.dumps(repo.db.get_version(version.uid).labels, sort_keys=True))
     return 0
 
