@@ -109,7 +109,8 @@ class ExportDevice:
         # Devices sharing an overlay (several NBD connections) must share its read-modify-write locks.
         self.stripes = overlay.block_locks if overlay is not None else []
         self.release = release
-        self.last_block = -2
+        self.last_block = -2  # readahead state, racy by design: a lost update costs one prefetch
+        self.ahead = 0  # the first block not yet queued for readahead
 
     @property
     def writable(self) -> bool:
@@ -139,15 +140,29 @@ class ExportDevice:
         return data
 
     def pread(self, offset: int, length: int) -> bytes:
+        data = self.pread_view(offset, length)
+        return data if type(data) is bytes else bytes(data)
+
+    def pread_view(self, offset: int, length: int) -> bytes | memoryview:
+        """pread without a copy when one block covers the range: a view of the cached block."""
         self._check_range(offset, length)
         parts = []
         for block_idx, start, end in self._pieces(offset, length):
             self._maybe_readahead(block_idx)
             data = self.read_block(block_idx)
-            parts.append(data if (start, end) == (0, len(data)) else data[start:end])
-        if len(parts) == 1:
-            return parts[0] if type(parts[0]) is bytes else bytes(parts[0])  # blocks may be views
-        return b"".join(parts)
+            parts.append(data if (start, end) == (0, len(data)) else memoryview(data)[start:end])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def pread_short(self, offset: int, length: int) -> bytes | memoryview:
+        """pread that stops before an unreadable block after readable data: a short read, as a disk
+        gives (FUSE); only a read whose first block fails raises. NBD has no short reads."""
+        try:
+            return self.pread_view(offset, length)
+        except BlockError as exc:
+            readable = exc.block_idx * self.block_size - offset
+            if readable <= 0:
+                raise
+            return self.pread_view(offset, readable)
 
     def readinto(self, buf: bytearray | memoryview, offset: int) -> None:
         """pread into a caller's buffer: one copy per piece, no joins (the NBD hot path)."""
@@ -199,14 +214,22 @@ class ExportDevice:
         return data if data is not None and len(data) == length else None
 
     def _maybe_readahead(self, block_idx: int) -> None:
-        sequential = block_idx in (self.last_block, self.last_block + 1)
-        if block_idx != self.last_block:
-            self.last_block = block_idx
-            if sequential and self.readahead_blocks:
-                ahead = range(block_idx + 1, min(block_idx + 1 + self.readahead_blocks,
-                                                 self.blockmap.block_count))
-                digests = [d for d in map(self._clean_digest, ahead) if d is not None]
-                self.fetcher.prefetch(digests)
+        """Queue the next readahead_blocks blocks when this read is near the previous one. "Near",
+        not "next": concurrent requests of one sequential reader (FUSE splits a read into 1 MiB
+        requests, nbdcopy keeps many in flight) arrive slightly out of order."""
+        last = self.last_block
+        if block_idx == last or not self.readahead_blocks:
+            return
+        self.last_block = block_idx
+        if abs(block_idx - last) > self.readahead_blocks:
+            return  # a jump: random access, no readahead
+        start = block_idx + 1
+        if start <= self.ahead <= start + self.readahead_blocks:
+            start = self.ahead  # blocks before it are queued already
+        end = min(block_idx + 1 + self.readahead_blocks, self.blockmap.block_count)
+        if start < end:
+            self.ahead = end
+            self.fetcher.prefetch([d for d in map(self._clean_digest, range(start, end)) if d is not None])
 
     def _clean_digest(self, block_idx: int) -> bytes | None:
         if self.overlay is not None and self.overlay.block_state(block_idx) != CLEAN:
