@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 REFRESH_SECONDS = 1.0  # re-read the version list at most this often
 ENTRY_TIMEOUT = 1.0  # the kernel re-validates names this often, so removed versions vanish
 IMAGE_ATTR_TIMEOUT = 60.0  # a version's size and times never change
-READ_AHEAD_KB = 1024  # kernel readahead on the mount (the FUSE default of 128 KiB starves reads)
 BLKSIZE = 1 << 20  # st_blksize: tools that size buffers by it (cp, cat) then read in big requests
 
 
@@ -147,10 +146,6 @@ class BackyfsOperations(pyfuse3.Operations):
         self.refresh_lock = trio.Lock()
         self.parts_seen: dict[str, int] = {}  # uid -> Held.writes when its partitions were read
         self.uid, self.gid = os.getuid(), os.getgid()
-        self.init_done = trio.Event()
-
-    def init(self) -> None:
-        self.init_done.set()  # pyfuse3 calls this on the loop, just before it answers the kernel's INIT
 
     async def run(self, fn: Callable, *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -356,25 +351,6 @@ def mount_options(writable: bool, allow_other: bool) -> set[str]:
     return opts
 
 
-def set_read_ahead(mountpoint: str, kib: int) -> None:
-    """With FUSE's default 128 KiB readahead the kernel keeps about one read in flight, so a cold
-    sequential read waits for every block fetch in turn; 1 MiB keeps several requests going and
-    lets the device's readahead overlap fetches (3-4x on cold reads). Needs root; else skipped.
-    The device comes from mountinfo: a stat() of the mount point would ask this very server."""
-    dev = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4].encode().decode("unicode_escape") == mountpoint:
-                    dev = fields[2]  # the last one: the newest mount on that point
-        if dev is not None:
-            with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
-                f.write(str(kib))
-    except OSError as exc:
-        log.debug("cannot set read_ahead_kb of %s: %s", mountpoint, exc)
-
-
 class FuseMount:
     """mount() then serve(): separate, so a daemon can report 'ready' between the two."""
 
@@ -406,13 +382,8 @@ class FuseMount:
     async def _main(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals)
-            nursery.start_soon(self._tune)
             await pyfuse3.main(min_tasks=2, max_tasks=64)
             nursery.cancel_scope.cancel()
-
-    async def _tune(self) -> None:
-        await self.ops.init_done.wait()  # the kernel sets the readahead from INIT's answer: after it
-        await trio.to_thread.run_sync(set_read_ahead, self.mountpoint, READ_AHEAD_KB)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
