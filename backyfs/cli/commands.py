@@ -95,6 +95,8 @@ def _open_backup(args: argparse.Namespace):
             from backyfs.repository.extents import load_hints
 
             hints = load_hints(args.hints)
+        from backyfs.repository.writer import BackupWriter  # noqa: F401  (loads while the source opens)
+
         source = opening.result()
     except BaseException:
         opening.abandon()
