@@ -73,10 +73,10 @@ def _choose_parent(repo, args: argparse.Namespace, volume: str):
 
 
 def _open_backup(args: argparse.Namespace):
-    """The repository, parent version, source and hints of a backup. An RBD source loads librbd and
-    connects in a thread from the start, and takes its snapshot there once the arguments are checked,
-    while this thread opens the repository (see sources.OpeningSource). If the backup cannot go on,
-    a snapshot already taken is removed again."""
+    """The repository, parent version, source and hints of a backup. An RBD source loads librbd,
+    connects and takes its snapshot in a thread from the start (with --pre/--post-snapshot commands:
+    once the arguments are checked) while this thread opens the repository (see
+    sources.OpeningSource). If the backup cannot go on, a snapshot already taken is removed again."""
     from backyfs.sources import start_source, takes_snapshots
 
     if (args.pre_snapshot or args.post_snapshot) and not takes_snapshots(args.source):

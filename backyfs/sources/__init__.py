@@ -23,16 +23,20 @@ def open_source(spec: str) -> Any:
 
 
 class OpeningSource:
-    """A backup source being opened in a thread. For RBD that is loading librbd and connecting, then,
-    once the caller has checked its arguments and calls snapshot(), taking the snapshot: mostly
-    waiting on the cluster with the GIL released, so it overlaps the caller opening the repository.
-    A file source opens on result(), in the caller's thread."""
+    """A backup source being opened in a thread. For RBD that is loading librbd and connecting, then
+    taking the snapshot: mostly waiting on the cluster with the GIL released, so it overlaps the
+    caller opening the repository. With pre/post-snapshot commands (which act on the VM, e.g. freeze
+    its filesystems) the snapshot waits until the caller has checked its arguments and calls
+    snapshot(); without, it is taken at once, and removed again by abandon() if the backup does not
+    go on. A file source opens on result(), in the caller's thread."""
 
     def __init__(self, spec: str, pre_cmd: str | None, post_cmd: str | None) -> None:
         self.spec, self.pre_cmd, self.post_cmd = spec, pre_cmd, post_cmd
         self._source: Any = None
         self._error: BaseException | None = None
-        self._go = threading.Event()  # snapshot() or abandon() was called
+        self._go = threading.Event()  # the snapshot may be taken (or abandon() was called)
+        if not (pre_cmd or post_cmd):
+            self._go.set()
         self._cancelled = False
         self._thread: threading.Thread | None = None
         if takes_snapshots(spec):
@@ -58,7 +62,7 @@ class OpeningSource:
         self._source = source
 
     def snapshot(self) -> None:
-        """Let the snapshot be taken (with the pre/post-snapshot commands) as soon as the source is open."""
+        """The arguments are fine: the snapshot (with its commands) may be taken once the source is open."""
         self._go.set()
 
     def result(self) -> Any:

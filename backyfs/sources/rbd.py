@@ -60,30 +60,15 @@ class _Cluster:
         self.cluster.shutdown()
 
 
-def _load_rbd() -> None:
-    try:
-        import rbd  # noqa: F401
-    except ImportError:  # reported by the import that needs it
-        pass
-
-
 class RbdSource:
     def __init__(self, pool: str, image: str) -> None:
-        # Loading librbd (9 MB of library: page faults, GIL released) overlaps connecting to the
-        # cluster, which needs only librados: ~30 ms less before the snapshot with a cold page cache.
-        loading = threading.Thread(target=_load_rbd, name="load-librbd")
-        loading.start()
-        try:
-            self.conn = _Cluster(pool)
-        finally:
-            loading.join()
         try:
             import rbd
         except ImportError:
-            self.conn.close()
             raise BackyfsError("RBD support needs the rados and rbd Python modules (scripts/setup)") from None
         self.rbd = rbd
         self.pool, self.name = pool, image
+        self.conn = _Cluster(pool)
         try:
             self.head = rbd.Image(self.conn.ioctx, image)
         except rbd.ImageNotFound:
