@@ -83,6 +83,7 @@ def _open_backup(args: argparse.Namespace):
         raise BackyfsError("--pre-snapshot/--post-snapshot need a source that snapshots (rbd:POOL/IMAGE)")
     opening = start_source(args.source, pre_cmd=args.pre_snapshot, post_cmd=args.post_snapshot)
     try:
+        opening.wait_loaded()
         from backyfs.repository.repo import check_volume_name
 
         cfg = load_config(args.config)

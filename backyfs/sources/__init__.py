@@ -38,12 +38,21 @@ class OpeningSource:
         if not (pre_cmd or post_cmd):
             self._go.set()
         self._cancelled = False
+        self._loaded = threading.Event()  # the thread has loaded librados and librbd
         self._thread: threading.Thread | None = None
         if takes_snapshots(spec):
             self._thread = threading.Thread(target=self._open, name="open-source")
             self._thread.start()
+        else:
+            self._loaded.set()
 
     def _open(self) -> None:
+        try:
+            import rbd  # noqa: F401  (and rados)
+        except ImportError:  # open_source says so, in a sentence
+            pass
+        finally:
+            self._loaded.set()
         try:
             source = open_source(self.spec)
         except BaseException as exc:  # handed to the caller by result()
@@ -60,6 +69,12 @@ class OpeningSource:
             self._error = exc
             return
         self._source = source
+
+    def wait_loaded(self) -> None:
+        """Wait until the thread has loaded its libraries (~60 ms with a cold page cache). Imports in
+        the caller meanwhile would only slow that down, both needing the GIL; while the thread then
+        waits on the cluster, the caller has it to itself."""
+        self._loaded.wait(timeout=5)
 
     def snapshot(self) -> None:
         """The arguments are fine: the snapshot (with its commands) may be taken once the source is open."""
