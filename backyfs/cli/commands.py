@@ -47,8 +47,8 @@ def _labels(pairs: list[str]) -> dict[str, str]:
 def _print_json(data: object) -> None:
     import json
 
-    json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str)
-    sys.stdout.write("\n")
+    # One write: json.dump writes token by token, a syscall each when stdout is unbuffered.
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
