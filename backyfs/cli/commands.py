@@ -125,7 +125,8 @@ def run_backup(args: argparse.Namespace):
     try:
         version = writer.run()
         if hasattr(source, "finish"):
-            source.finish(version, parent)
+            source.finish(version, parent)  # RBD: drops the older snapshots, in a thread
+        repo.close()  # meanwhile: SQLite checkpoints its log on close
     finally:
         source.close()
     if writer.resumed:

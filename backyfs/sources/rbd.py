@@ -77,6 +77,7 @@ class RbdSource:
         self.size = self.head.size()
         self.snapshot: str | None = None
         self.image = self.head  # replaced by the snapshot view in prepare()
+        self._finishing: threading.Thread | None = None  # see finish()
         self.pre_cmd: str | None = None
         self.post_cmd: str | None = None
 
@@ -149,8 +150,20 @@ class RbdSource:
             raise SourceError(f"cannot read {self.pool}/{self.name} at offset {offset}: {exc}") from None
 
     def finish(self, version, parent) -> None:
-        """After the new version is valid: drop every older backyfs snapshot of the image."""
-        for snap in list(self.head.list_snaps()):
+        """After the new version is valid: drop every older backyfs snapshot of the image. That runs
+        in a thread (it is mostly waiting for the monitors) while the caller finishes up; close()
+        waits for it."""
+        self._finishing = threading.Thread(target=self._drop_old_snapshots, name="drop-snapshots")
+        self._finishing.start()
+
+    def _drop_old_snapshots(self) -> None:
+        try:
+            snaps = list(self.head.list_snaps())
+        except self.rbd.Error as exc:  # the version is valid; the next backup tries again
+            log.warning("cannot list the snapshots of %s/%s to remove old ones: %s",
+                        self.pool, self.name, exc)
+            return
+        for snap in snaps:
             if snap["name"].startswith(SNAP_PREFIX) and snap["name"] != self.snapshot:
                 try:
                     self.head.remove_snap(snap["name"])
@@ -171,6 +184,8 @@ class RbdSource:
     def close(self) -> None:
         if self.image is not self.head:
             self.image.close()
+        if self._finishing is not None:
+            self._finishing.join()
         self.head.close()
         self.conn.close()
 
