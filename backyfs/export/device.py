@@ -86,6 +86,10 @@ class BlockFetcher:
                     continue
             self.pool.submit(self._prefetch_one, digest)
 
+    def hint(self, digests: list[bytes]) -> None:
+        """Blocks wanted after the prefetched ones: the store may start reading them (no threads)."""
+        self.repo.will_need([d for d in digests if d not in self.memory])
+
     def _prefetch_one(self, digest: bytes) -> None:
         try:
             self.get(digest)
@@ -182,8 +186,7 @@ class ExportDevice:
         """Start loading the blocks of a range into the memory cache (NBD_CMD_CACHE)."""
         self._check_range(offset, length)
         first, last = offset // self.block_size, (offset + max(length, 1) - 1) // self.block_size
-        digests = [d for d in map(self._clean_digest, range(first, last + 1)) if d is not None]
-        self.fetcher.prefetch(digests)
+        self.fetcher.prefetch(self._clean_digests(first, last + 1))
 
     def pread_cached(self, offset: int, length: int) -> bytes | memoryview | None:
         """pread from memory only (holes, trimmed blocks, the memory cache), or None when some block
@@ -229,7 +232,14 @@ class ExportDevice:
         end = min(block_idx + 1 + self.readahead_blocks, self.blockmap.block_count)
         if start < end:
             self.ahead = end
-            self.fetcher.prefetch([d for d in map(self._clean_digest, range(start, end)) if d is not None])
+            self.fetcher.prefetch(self._clean_digests(start, end))
+            # One window further, only a hint: the disk reads those while the pool verifies these.
+            count = self.blockmap.block_count
+            self.fetcher.hint(self._clean_digests(min(start + self.readahead_blocks, count),
+                                                  min(end + self.readahead_blocks, count)))
+
+    def _clean_digests(self, start: int, end: int) -> list[bytes]:
+        return [d for d in map(self._clean_digest, range(start, end)) if d is not None]
 
     def _clean_digest(self, block_idx: int) -> bytes | None:
         if self.overlay is not None and self.overlay.block_state(block_idx) != CLEAN:

@@ -100,6 +100,10 @@ class Repository:
             raise CorruptObject(f"block {digest.hex()[:16]} is corrupt: content does not match its digest")
         return data
 
+    def will_need(self, digests: list[bytes]) -> None:
+        """Let the store start reading these blocks in the background (a hint, see ObjectStore)."""
+        self.store.will_need([block_key(d) for d in digests])
+
     # --- versions -------------------------------------------------------------------------
     def resolve(self, spec: str, valid_only: bool = False) -> Version:
         """A version by uid, unique uid prefix (4+ digits), or volume name (its latest valid version)."""

@@ -54,6 +54,11 @@ class ObjectStore(abc.ABC):
         data = self.get(key)
         return data[:head], memoryview(data)[head:]
 
+    def will_need(self, keys: list[str]) -> None:
+        """A hint that keys will be read soon. Backends that can start those reads in the background
+        for free do (the filesystem: kernel readahead); the default does nothing. Wrappers inherit
+        the no-op rather than forward it: a rate limit must see every byte read."""
+
     def flush(self) -> None:
         """Make every put so far durable. Backends whose put is durable on return do nothing."""
 
