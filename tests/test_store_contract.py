@@ -103,6 +103,14 @@ def test_round_trip(store: ObjectStore, size: int) -> None:
     assert bytes(head) == data[:16] and bytes(rest) == data[16:]
 
 
+@pytest.mark.parametrize("size", [0, 4096, 4 * MiB], ids=["empty", "4KiB", "4MiB"])
+def test_put_split_writes_head_then_rest(store: ObjectStore, size: int) -> None:
+    head, rest = b"H" * 16, os.urandom(size)
+    store.put_split("blocks/ab/split", head, memoryview(rest))  # a view, as the writer passes blocks
+    assert store.get("blocks/ab/split") == head + rest
+    assert store.size("blocks/ab/split") == 16 + size
+
+
 def test_get_split_of_a_missing_key_raises(store: ObjectStore) -> None:
     with pytest.raises(ObjectMissing):
         store.get_split("blocks/ab/absent", 16)

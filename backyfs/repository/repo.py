@@ -83,9 +83,9 @@ class Repository:
     # --- blocks ---------------------------------------------------------------------------
     def write_block(self, digest: bytes, data: bytes | memoryview) -> int:
         """Store a block under its digest; return the stored object size."""
-        obj = codec.encode(data, self.compression_level)
-        self.store.put(block_key(digest), obj)
-        return len(obj)
+        header, payload = codec.encode_split(data, self.compression_level)
+        self.store.put_split(block_key(digest), header, payload)
+        return len(header) + len(payload)
 
     def read_block(self, digest: bytes) -> bytes | memoryview:
         """Fetch a block and check it against its digest (CorruptObject / ObjectMissing otherwise).

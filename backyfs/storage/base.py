@@ -54,6 +54,11 @@ class ObjectStore(abc.ABC):
         data = self.get(key)
         return data[:head], memoryview(data)[head:]
 
+    def put_split(self, key: str, head: bytes, rest: bytes | memoryview) -> None:
+        """put(key, head + rest). Backends that can write the two parts as they are override this,
+        so a caller with a header to prepend to a large value does not copy the value."""
+        self.put(key, head + rest)
+
     def will_need(self, keys: list[str]) -> None:
         """A hint that keys will be read soon. Backends that can start those reads in the background
         for free do (the filesystem: kernel readahead); the default does nothing. Wrappers inherit

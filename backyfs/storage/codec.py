@@ -62,12 +62,18 @@ def _worth_compressing(data: bytes | memoryview, level: int) -> bool:
 
 
 def encode(data: bytes | memoryview, level: int = 1) -> bytes:
+    header, payload = encode_split(data, level)
+    return header + payload
+
+
+def encode_split(data: bytes | memoryview, level: int = 1) -> tuple[bytes, bytes | memoryview]:
+    """The object as (header, payload); a raw payload is `data` itself, not a copy."""
     plain_len = len(data)
     if level > 0 and plain_len >= 512 and _worth_compressing(data, level):
         packed = _compressor(level).compress(data)
         if len(packed) <= plain_len * (1 - MIN_SAVING):
-            return HEADER.pack(MAGIC, FORMAT_VERSION, CODEC_ZSTD, plain_len, len(packed)) + packed
-    return HEADER.pack(MAGIC, FORMAT_VERSION, CODEC_RAW, plain_len, plain_len) + bytes(data)
+            return HEADER.pack(MAGIC, FORMAT_VERSION, CODEC_ZSTD, plain_len, len(packed)), packed
+    return HEADER.pack(MAGIC, FORMAT_VERSION, CODEC_RAW, plain_len, plain_len), data
 
 
 def parse_header(obj: bytes, key: str = "object", total_len: int | None = None) -> tuple[int, int, int]:

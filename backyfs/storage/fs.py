@@ -36,6 +36,12 @@ class FilesystemStore(ObjectStore):
         return os.path.join(self.root, check_key(key))
 
     def put(self, key: str, data: bytes | memoryview) -> None:
+        self._write(key, [memoryview(data)])
+
+    def put_split(self, key: str, head: bytes, rest: bytes | memoryview) -> None:
+        self._write(key, [memoryview(head), memoryview(rest)])
+
+    def _write(self, key: str, parts: list[memoryview]) -> None:
         path = self._path(key)
         tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident():x}"
         directory = os.path.dirname(path)
@@ -45,9 +51,7 @@ class FilesystemStore(ObjectStore):
                 self._touched(os.path.dirname(directory))  # the new directory's own entry
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                _write_all(fd, parts)
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -153,6 +157,18 @@ class FilesystemStore(ObjectStore):
             with self._lock:
                 self._dirty_dirs |= dirs  # try them again on the next flush
             raise StoreUnavailable(f"cannot sync {self.url}: {exc.strerror}") from None
+
+
+def _write_all(fd: int, parts: list[memoryview]) -> None:
+    """writev until every part is written (a write may be short)."""
+    parts = [p.cast("B") for p in parts if p.nbytes]
+    while parts:
+        written = os.writev(fd, parts)
+        while parts and written >= parts[0].nbytes:
+            written -= parts[0].nbytes
+            parts.pop(0)
+        if parts and written:
+            parts[0] = parts[0][written:]
 
 
 def _unlink_quietly(path: str) -> None:
