@@ -1,4 +1,4 @@
-"""A store in a local directory: one file per key, written to a temporary file, fsynced and renamed."""
+"""A store in a local directory: one file per key, written to a temporary file and renamed; flush fsyncs."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class FilesystemStore(ObjectStore):
         self.fsync = fsync
         self._lock = threading.Lock()
         self._dirty_dirs: set[str] = set()
+        self._dirty_files: set[str] = set()
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
         except OSError as exc:
@@ -52,12 +53,12 @@ class FilesystemStore(ObjectStore):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 _write_all(fd, parts)
-                if self.fsync:
-                    os.fsync(fd)
+                if self.fsync:  # start the writeback now; flush() waits for it
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
             os.rename(tmp, path)
-            self._touched(directory)
+            self._touched(directory, path)
         except OSError as exc:
             _unlink_quietly(tmp)
             reason = "store is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
@@ -136,17 +137,25 @@ class FilesystemStore(ObjectStore):
                 if key.startswith(prefix):
                     yield key
 
-    def _touched(self, directory: str) -> None:
+    def _touched(self, directory: str, path: str | None = None) -> None:
         with self._lock:
             self._dirty_dirs.add(directory)
+            if path is not None:
+                self._dirty_files.add(path)
 
     def flush(self) -> None:
-        """Make every rename so far durable: fsync the directories that got new entries. (Each
-        object's data was fsynced before its rename.) Unlike syncfs, this never waits for unrelated
-        dirty data on the same filesystem, such as a restore running beside a backup."""
+        """Make every put so far durable: fsync the objects written since the last flush (put only
+        started their writeback, so a backup's writes overlap its hashing), then the directories
+        that got new entries. An object renamed but not yet flushed may be lost in a power cut;
+        that is the contract (the writer records a block only after flush). Unlike syncfs, this
+        never waits for unrelated dirty data on the same filesystem, such as a restore beside it."""
         with self._lock:
             dirs, self._dirty_dirs = self._dirty_dirs, set()
+            files, self._dirty_files = self._dirty_files, set()
         try:
+            if self.fsync:
+                for path in files:
+                    _fsync_file(path)
             for directory in sorted(dirs, key=len, reverse=True):
                 fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
@@ -156,7 +165,19 @@ class FilesystemStore(ObjectStore):
         except OSError as exc:
             with self._lock:
                 self._dirty_dirs |= dirs  # try them again on the next flush
+                self._dirty_files |= files
             raise StoreUnavailable(f"cannot sync {self.url}: {exc.strerror}") from None
+
+
+def _fsync_file(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # deleted since it was written: nothing to make durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, parts: list[memoryview]) -> None:
