@@ -131,7 +131,9 @@ def test_corrupt_block_fails_read_with_eio(bk, image, uid, tmp_path):
     obj.write_bytes(b"garbage" + obj.read_bytes()[7:])
     script = (f'qemu-io -r -f raw -c "read 0 {BS}" -c "read {BS} 4096" "$uri"; echo rc=$?; '
               f'qemu-io -r -f raw -c "read {3 * BS + 100} 4096" "$uri"; echo rc=$?; '
-              f'nbdcopy "$uri" {tmp_path / "x.img"}; echo rc=$?')
+              # One request in flight: with more, Debian 12's nbdkit 1.32 sometimes aborts (assertion
+              # in raw_send_socket) when a client drops the connection while replies are pending.
+              f'nbdcopy --connections=1 --requests=1 "$uri" {tmp_path / "x.img"}; echo rc=$?')
     proc = bk.nbdkit(script, f"exports={uid}")
     ok_read, bad_read, copy = proc.stdout.split("rc=")[1:]
     assert ok_read.startswith("0"), proc.stdout  # other blocks still read
