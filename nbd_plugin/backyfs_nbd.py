@@ -17,7 +17,11 @@ import sys
 import traceback
 
 if os.environ.get("BACKYFS_SITE"):  # the venv with backyfs; addsitedir runs its .pth (editable installs)
+    _before = list(sys.path)
     site.addsitedir(os.environ["BACKYFS_SITE"])
+    # Ahead of Debian's dist-packages, which the embedded interpreter searches first: it holds older
+    # boto3/botocore/urllib3 and _cffi_backend, which would shadow the venv's.
+    sys.path[:] = [p for p in sys.path if p not in _before] + _before
 
 import nbdkit  # noqa: E402  (provided by nbdkit's python plugin)
 

@@ -102,6 +102,25 @@ def test_parallel_connections_match(bk, image, uid, tmp_path):
         assert nh.same_bytes(out, image)
 
 
+def test_plugin_imports_the_venvs_packages_not_debians(tmp_path):
+    """nbdkit's embedded Python searches Debian's dist-packages first, where an old boto3 and
+    _cffi_backend live on this machine; the plugin must put backyfs's venv ahead of them."""
+    import sysconfig
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"exec(open({str(nh.PLUGIN)!r}).read())\n"
+                     "import sys, boto3, _cffi_backend, zstandard\n"
+                     "for m in (boto3, _cffi_backend, zstandard):\n"
+                     "    sys.stderr.write(f'PROBE {m.__name__} {m.__file__}\\n')\n")
+    env = {**os.environ, "BACKYFS_SITE": sysconfig.get_paths()["purelib"]}
+    proc = subprocess.run(["nbdkit", "python", str(probe), "--dump-plugin"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    found = dict(line.split()[1:3] for line in proc.stderr.splitlines() if line.startswith("PROBE "))
+    assert set(found) == {"boto3", "_cffi_backend", "zstandard"}, proc.stderr
+    for name, path in found.items():
+        assert path.startswith(sysconfig.get_paths()["purelib"]), (name, path)
+
+
 def test_hostile_export_names_refused(bk, uid):
     srv = nh.serve(bk)
     try:
