@@ -192,6 +192,16 @@ def wait_gone(paths: Sequence[Path], timeout: float = 10) -> bool:
 
 
 # --- clients -----------------------------------------------------------------------------------
+def copy_out(bk: Backyfs, export: str, dest: Path, *serve_args: object) -> Path:
+    """Serve EXPORT (`backyfs serve SERVE_ARGS EXPORT`), copy it to DEST with nbdcopy, stop."""
+    srv = serve(bk, *serve_args, export)
+    try:
+        run("nbdcopy", srv.url(export), dest)
+    finally:
+        srv.stop()
+    return dest
+
+
 def run(*cmd: object, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)

@@ -211,12 +211,8 @@ def test_writes_land_in_overlay_not_backup(bk, image, uid, tmp_path):
     assert [(o["version"], o["name"]) for o in overlays] == [(uid, "default")]
     assert overlays[0]["dirty_blocks"] == 4 and overlays[0]["trimmed_blocks"] == 2
 
-    srv = nh.serve(bk, "--writable", uid)  # the overlay survives a restart
-    try:
-        nh.run("nbdcopy", srv.url(uid), tmp_path / "again.img")
-    finally:
-        srv.stop()
-    assert nh.same_bytes(tmp_path / "again.img", expected)
+    again = nh.copy_out(bk, uid, tmp_path / "again.img", "--writable")  # the overlay survives a restart
+    assert nh.same_bytes(again, expected)
 
 
 def test_commit_overlay_from_parallel_writes(bk, image, uid, tmp_path):
@@ -252,12 +248,8 @@ def test_discard_overlay(bk, image, uid, tmp_path):
     assert bk.run("overlay", "discard", uid).returncode != 0  # no overlay named default
     assert "discarded" in bk.ok("overlay", "discard", uid, "--name", "scratch")
     assert json.loads(bk.ok("overlay", "ls", "--json")) == []
-    srv = nh.serve(bk, "--writable", "--overlay", "scratch", uid)
-    try:
-        nh.run("nbdcopy", srv.url(uid), tmp_path / "r.img")
-    finally:
-        srv.stop()
-    assert nh.same_bytes(tmp_path / "r.img", image)
+    copied = nh.copy_out(bk, uid, tmp_path / "r.img", "--writable", "--overlay", "scratch")
+    assert nh.same_bytes(copied, image)
 
 
 def test_read_only_server_refuses_writes(bk, image, uid, tmp_path):

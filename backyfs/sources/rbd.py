@@ -76,7 +76,7 @@ class RbdSource:
             raise SourceError(f"RBD image {pool}/{image} does not exist") from None
         self.size = self.head.size()
         self.snapshot: str | None = None
-        self.image = self.head  # replaced by the snapshot view in prepare()
+        self.image = self.head  # replaced by the snapshot view in take_snapshot()
         self._finishing: threading.Thread | None = None  # see finish()
         self.pre_cmd: str | None = None
         self.post_cmd: str | None = None
@@ -84,12 +84,6 @@ class RbdSource:
     @classmethod
     def from_spec(cls, spec: str) -> RbdSource:
         return cls(*parse_spec(spec))
-
-    def prepare(self, parent, hints: list[Extent] | None) -> list[Extent] | None:
-        """Snapshot the image; return the changed extents since the parent's snapshot, or None for a
-        full read. Hints given by the user are not needed for RBD and are ignored."""
-        self.take_snapshot()
-        return self.changes(parent)
 
     def take_snapshot(self) -> None:
         """Snapshot the image between the pre- and post-snapshot commands; reads then see the snapshot.

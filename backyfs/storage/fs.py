@@ -58,7 +58,7 @@ class FilesystemStore(ObjectStore):
             finally:
                 os.close(fd)
             os.rename(tmp, path)
-            self._touched(directory, path)
+            self._touched(directory, path if self.fsync else None)
         except OSError as exc:
             _unlink_quietly(tmp)
             reason = "store is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
@@ -153,15 +153,10 @@ class FilesystemStore(ObjectStore):
             dirs, self._dirty_dirs = self._dirty_dirs, set()
             files, self._dirty_files = self._dirty_files, set()
         try:
-            if self.fsync:
-                for path in files:
-                    _fsync_file(path)
-            for directory in sorted(dirs, key=len, reverse=True):
-                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            for path in files:
+                _fsync_path(path, missing_ok=True)  # deleted since it was written: nothing to keep
+            for directory in sorted(dirs, key=len, reverse=True):  # then the names of the objects
+                _fsync_path(directory, missing_ok=False)
         except OSError as exc:
             with self._lock:
                 self._dirty_dirs |= dirs  # try them again on the next flush
@@ -169,11 +164,14 @@ class FilesystemStore(ObjectStore):
             raise StoreUnavailable(f"cannot sync {self.url}: {exc.strerror}") from None
 
 
-def _fsync_file(path: str) -> None:
+def _fsync_path(path: str, missing_ok: bool) -> None:
+    """fsync a file or directory by name."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return  # deleted since it was written: nothing to make durable
+        if not missing_ok:
+            raise
+        return
     try:
         os.fsync(fd)
     finally:
