@@ -188,3 +188,13 @@ def test_sequential_reads_prefetch_and_concurrent_readers_agree(service, tmp_pat
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_readahead_fits_the_memory_cache(service):
+    """Readahead fills the memory cache: a quarter of it at most, else prefetched blocks are evicted
+    before they are read (1 MiB of cache, 64 KiB blocks: 4 blocks)."""
+    assert service.open("vol").readahead_blocks == 4
+    service.cfg.cache_memory_mb = 0
+    assert service.open("vol").readahead_blocks == 0
+    service.cfg.cache_memory_mb = 1024
+    assert service.open("vol").readahead_blocks == 16

@@ -100,9 +100,15 @@ class BlockFetcher:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+# 64 MiB of 4 MiB blocks: a cold nbdcopy of scripts/bench's 4 GiB version took 10% less time than
+# with 8 blocks (medians of five runs, 2.90 vs 3.24 s); 32 blocks or more threads gained nothing more.
+# It must fit the memory cache (256 MiB by default) with room to spare, or blocks are evicted unread.
+READAHEAD_BLOCKS = 16
+
+
 class ExportDevice:
     def __init__(self, version: Version, blockmap: BlockMap, fetcher: BlockFetcher,
-                 overlay: Overlay | None = None, readahead_blocks: int = 8,
+                 overlay: Overlay | None = None, readahead_blocks: int = READAHEAD_BLOCKS,
                  release: Callable[[Overlay], None] | None = None) -> None:
         """`release` hands a shared overlay back to its owner on close (default: close it)."""
         self.version, self.blockmap, self.fetcher, self.overlay = version, blockmap, fetcher, overlay

@@ -13,7 +13,7 @@ import threading
 from backyfs.config import Config, open_repository
 from backyfs.errors import BackyfsError, NotFound
 from backyfs.export.cache import DiskCache, MemoryCache
-from backyfs.export.device import BlockFetcher, ExportDevice
+from backyfs.export.device import READAHEAD_BLOCKS, BlockFetcher, ExportDevice
 from backyfs.export.overlay import Overlay, discard_overlay
 from backyfs.metadata.db import Version
 from backyfs.repository.extents import Extent
@@ -58,10 +58,13 @@ class ExportService:
         with self.lock:  # the metadata connection is shared; keep opens serial
             version = self.resolve(name)
             blockmap = self.repo.blockmap(version)
+        # Readahead lands in the memory cache: at most a quarter of it, or blocks go before they are read.
+        readahead = min(READAHEAD_BLOCKS, (self.cfg.cache_memory_mb << 20) // (4 * version.block_size))
         if not writable:
-            return ExportDevice(version, blockmap, self.fetcher)
+            return ExportDevice(version, blockmap, self.fetcher, readahead_blocks=readahead)
         overlay = self._acquire_overlay(version, overlay_name)
-        return ExportDevice(version, blockmap, self.fetcher, overlay, release=self._release_overlay)
+        return ExportDevice(version, blockmap, self.fetcher, overlay, readahead_blocks=readahead,
+                            release=self._release_overlay)
 
     def _acquire_overlay(self, version: Version, name: str) -> Overlay:
         with self.lock:
