@@ -121,14 +121,16 @@ class RepoEnv:
 @pytest.fixture
 def nobody_can_run_cli() -> Iterator[None]:
     """Let user nobody reach the venv and the checkout for tests that run the CLI unprivileged. CI may
-    clone into a 0700 directory (mktemp -d): this adds only o+x (traverse, not list) to the
-    checkout and its ancestors where missing, and puts their modes back afterwards."""
+    clone into a 0700 directory (mktemp -d): this adds o+x (traverse) to the checkout's ancestors and
+    o+rx to the checkout itself where missing (the editable install puts the checkout on sys.path,
+    and Python lists a path entry to find modules in it), and puts their modes back afterwards."""
     top = Path(__file__).resolve().parent.parent
     changed = []
     for directory in (top, *top.parents):
         mode = directory.stat().st_mode & 0o7777
-        if not mode & 0o001:
-            os.chmod(directory, mode | 0o001)
+        needed = 0o005 if directory == top else 0o001
+        if mode & needed != needed:
+            os.chmod(directory, mode | needed)
             changed.append((directory, mode))
     try:
         yield
