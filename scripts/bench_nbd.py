@@ -13,7 +13,8 @@ cold_ratio_bound = file seconds x CPUs / (file CPU seconds + verify CPU seconds)
 possible when backyfs needed no CPU at all beyond the file plugin's and the verification.
 cold_ratio_ceiling measures the same limit instead of computing it: the file plugin's cold read is
 run again while threads on every CPU hash as many bytes as the verification must (file_verify_cold_s),
-and the ratio is file seconds / that. No server that checks every block on this machine reads faster.
+and the ratio is file seconds / that: what the file plugin itself reaches when given only the
+verification's extra work, a ceiling for any server that checks every block on this machine.
 
 bench_boot(data_dir): boot the test VM (tests/vmboot.py) from its raw disk and from a backup of it
 served writable over NBD; ratio = NBD boot time / raw boot time (<1 is faster).
