@@ -127,13 +127,12 @@ def read_seconds(url: str, cold: bool) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def verification_load(hashed_bytes: int) -> Iterator[None]:
-    """Hash hashed_bytes with backyfs's digest function, split over one thread per CPU, beside the
-    with block; leaving it waits until everything is hashed. The CPU work a cold read must add to
-    the file plugin's (libsodium releases the GIL, so the threads hash in parallel)."""
+def verification_load(hashed_bytes: int, blocks: list[bytes]) -> Iterator[None]:
+    """Hash hashed_bytes (cycling through blocks) with backyfs's digest function, split over one
+    thread per CPU, beside the with block; leaving it waits until everything is hashed. The CPU work
+    a cold read must add to the file plugin's (libsodium releases the GIL: the threads run in parallel)."""
     from backyfs.repository.repo import block_digest
 
-    blocks = [os.urandom(BS) for _ in range(16)]  # 64 MiB: hashed from memory, as store blocks are
     count, cpus = -(-hashed_bytes // BS), os.cpu_count() or 1
 
     def hash_share(share: int) -> None:
@@ -153,10 +152,11 @@ def verification_load(hashed_bytes: int) -> Iterator[None]:
 
 def _cold_with_verification(server: contextlib.AbstractContextManager[str], hashed_bytes: int) -> float:
     """Seconds of a cold nbdcopy from server with the verification's hashing running beside it."""
+    blocks = [os.urandom(BS) for _ in range(16)]  # 64 MiB, hashed from memory as store blocks are
     with server as url:
         drop_caches()
         started = time.perf_counter()
-        with verification_load(hashed_bytes):
+        with verification_load(hashed_bytes, blocks):
             subprocess.run(["nbdcopy", url, "null:"], check=True, stdin=subprocess.DEVNULL)
         return time.perf_counter() - started
 
