@@ -14,7 +14,8 @@ possible when backyfs needed no CPU at all beyond the file plugin's and the veri
 cold_ratio_ceiling measures the same limit instead of computing it: the file plugin's cold read is
 run again while threads on every CPU hash as many bytes as the verification must (file_verify_cold_s),
 and the ratio is file seconds / that: what the file plugin itself reaches when given only the
-verification's extra work, a ceiling for any server that checks every block on this machine.
+verification's extra work. It is an optimistic ceiling for a server that checks every block: there
+the hashing must wait for the reads, while this load keeps hashing when the disk stalls.
 
 bench_boot(data_dir): boot the test VM (tests/vmboot.py) from its raw disk and from a backup of it
 served writable over NBD; ratio = NBD boot time / raw boot time (<1 is faster).
@@ -150,9 +151,10 @@ def verification_load(hashed_bytes: int, blocks: list[bytes]) -> Iterator[None]:
             thread.join()
 
 
-def _cold_with_verification(server: contextlib.AbstractContextManager[str], hashed_bytes: int) -> float:
-    """Seconds of a cold nbdcopy from server with the verification's hashing running beside it."""
-    blocks = [os.urandom(BS) for _ in range(16)]  # 64 MiB, hashed from memory as store blocks are
+def _cold_with_verification(server: contextlib.AbstractContextManager[str], hashed_bytes: int,
+                            blocks: list[bytes]) -> float:
+    """Seconds of a cold nbdcopy from server with the verification's hashing running beside it
+    (started after the page cache is dropped, so none of it is done before the clock starts)."""
     with server as url:
         drop_caches()
         started = time.perf_counter()
@@ -223,10 +225,12 @@ def bench_nbd(image_path: Path, data_dir: Path, *, volume: str = "nbdbench", run
         backyfs(data_dir, "restore", uid, raw, "--force")
     size = raw.stat().st_size
     hashed = _distinct_block_bytes(data_dir, uid)
+    hash_pool = [os.urandom(BS) for _ in range(16)]  # 64 MiB, hashed from memory as store blocks are
     file_t, ours_t, file_verify_t = [], [], []
     for _ in range(runs):
         file_t.append(_cold_warm(file_server(raw, work / "file.sock")))
-        file_verify_t.append(_cold_with_verification(file_server(raw, work / "file.sock"), hashed))
+        file_verify_t.append(_cold_with_verification(file_server(raw, work / "file.sock"), hashed,
+                                                     hash_pool))
         shutil.rmtree(data_dir / "cache", ignore_errors=True)  # an empty read cache for the new server
         ours_t.append(_cold_warm(backyfs_server(data_dir, uid, work / "nbd.sock")))
     f_cold, f_warm, f_cpu = (statistics.median(t[i] for t in file_t) for i in (0, 1, 2))
