@@ -70,12 +70,17 @@ def backyfs(data_dir: Path, *args: object) -> str:
 
 
 def ensure_version(data_dir: Path, image: Path, volume: str) -> str:
-    """The uid of VOLUME's latest version, backing IMAGE up first when the volume has none."""
+    """The uid of VOLUME's version of IMAGE, backing IMAGE up first when there is none. A version is
+    IMAGE's when its label names IMAGE's path, size and mtime: --image may change between runs that
+    share a data directory, and a same-sized other image would measure the wrong data."""
+    stat = image.resolve().stat()
+    identity = f"{image.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     versions = json.loads(backyfs(data_dir, "ls", "--json", volume))
-    valid = [v for v in versions if v["state"] == "valid" and v["size"] == image.stat().st_size]
-    if valid:
-        return valid[-1]["uid"]
-    return json.loads(backyfs(data_dir, "backup", image, volume, "--json"))["uid"]
+    mine = [v for v in versions if v["state"] == "valid" and v["labels"].get("bench-image") == identity]
+    if mine:
+        return mine[-1]["uid"]
+    return json.loads(backyfs(data_dir, "backup", image, volume, "--json",
+                              "--label", f"bench-image={identity}"))["uid"]
 
 
 @contextlib.contextmanager
