@@ -219,101 +219,129 @@ def log(msg: str) -> None:
 
 def bench_rbd(size_gib: float = 10, *, rounds: int = 3, work: Path | None = None, verify: bool = True,
               seed: int = 5, idle_wait_s: float = 0, warm: bool = False) -> dict:
+    """A full RBD backup, then ROUNDS incrementals of 1% changed objects, each against export-diff
+    of the same two snapshots and against snapshot create + rm, in the same run."""
     env = cluster_env()
     cold = os.geteuid() == 0 and not warm
     rbd = Rbd(env)
     name = f"bench-{uuid.uuid4().hex[:8]}"
     size = int(size_gib * (1 << 30)) // OBJ * OBJ
-    nobjects = size // OBJ
     result: dict[str, Any] = {"image_bytes": size, "cold_cache": cold, "rounds": []}
     try:
         with work_dir(work, "rbd") as wd:
-            started = time.monotonic()
-            rbd.create(name, size)
-            kinds = layout(nobjects, seed)
-            maker = BlockMaker(seed)
-            written = rbd.write_many(name, ((i * OBJ, maker.block(k, i)) for i, k in enumerate(kinds)
-                                            if k != "hole"))
+            written = _fill_image(rbd, name, size, seed)
             result["written_bytes"] = written
-            log(f"{name}: {size / 2**30:.1f} GiB image, {written / 2**30:.2f} GiB written "
-                f"in {time.monotonic() - started:.0f} s")
-            benv = tool_env(env, wd / "data")
-            spec = f"rbd:{rbd.pool}/{name}"
-            rbd_cli = ["rbd", "--conf", env["CEPH_CONF"]]
-            subprocess.run([BACKYFS, "--version"], env=benv, capture_output=True, check=True)  # bytecode
+            bench = _RbdRun(rbd, name, env, tool_env(env, wd / "data"), cold)
+            # Compile the bytecode before the clock runs.
+            subprocess.run([BACKYFS, "--version"], env=bench.benv, capture_output=True, check=True)
             result["load_before"] = wait_idle(idle_wait_s)
-
-            full_s, out = timed([BACKYFS, "backup", spec, "bench", "--json"], benv, cold)
-            full = json.loads(out)
-            if full["bytes_read"] != written:
-                raise SystemExit(f"bench_ceph: the full backup read {full['bytes_read']}, not {written}")
+            full_s, full = bench.full_backup(written)
             result["full"] = {"seconds": full_s, "mb_s_read": round(written / MB / full_s, 1),
                               "mb_s_logical": round(size / MB / full_s, 1), "stats": full}
-            log(f"full backup: {full_s:.2f} s ({written / MB / full_s:,.0f} MB/s of data)")
             # A user snapshot of the state of the backup's own one, which the next backup removes.
             rbd.cli("snap", "create", f"{rbd.pool}/{name}@bench-prev")
-
             rng = random.Random(seed + 1)
-            last_uid, last_snap = full["uid"], ""
             for rnd in range(rounds):
-                changed = sorted(rng.sample(range(nobjects), max(1, nobjects // 100)))
-                rbd.write_many(name, ((i * OBJ + rng.randrange(0, OBJ - (256 << 10) + 1, 4096),
-                                       rng.randbytes(256 << 10)) for i in changed))
-                inc_s, out = timed([BACKYFS, "backup", spec, "bench", "--json"], benv, cold)
-                inc = json.loads(out)
-                expected_read = (len(changed) + inc["blocks_sampled"]) * OBJ
-                if inc["bytes_read"] != expected_read:
-                    raise SystemExit(f"bench_ceph: incremental read {inc['bytes_read']}, not {expected_read}")
-                show = json.loads(subprocess.run([BACKYFS, "show", inc["uid"], "--json"], env=benv,
-                                                 capture_output=True, text=True, check=True).stdout)
-                last_uid, last_snap = inc["uid"], show["snapshot"]
-                image_at = f"{rbd.pool}/{name}@{last_snap}"
-                diff_s, _ = timed([*rbd_cli, "export-diff", "--no-progress", "--from-snap", "bench-prev",
-                                   image_at, "-"], benv, cold, discard=True)
-                whole_s, _ = timed([*rbd_cli, "export-diff", "--no-progress", "--whole-object",
-                                    "--from-snap", "bench-prev", image_at, "-"], benv, cold, discard=True)
-                # What a backup made of export-diff also does: take a snapshot, drop the old one.
-                rm_s, _ = timed([*rbd_cli, "snap", "rm", "--no-progress", f"{rbd.pool}/{name}@bench-prev"],
-                                benv, cold)
-                create_s, _ = timed([*rbd_cli, "snap", "create", "--no-progress",
-                                     f"{rbd.pool}/{name}@bench-prev"], benv, cold)
-                row = {"changed_objects": len(changed), "incremental_s": inc_s, "export_diff_s": diff_s,
-                       "export_diff_whole_object_s": whole_s, "snap_create_s": create_s, "snap_rm_s": rm_s,
-                       "bytes_read": inc["bytes_read"], "writer_seconds": inc["seconds"]}
-                result["rounds"].append(row)
-                log(f"round {rnd + 1}: {len(changed)} objects changed; incremental {inc_s:.2f} s "
-                    f"(writer {inc['seconds']:.2f} s), export-diff {diff_s:.2f} s, "
-                    f"--whole-object {whole_s:.2f} s; snap create {create_s:.2f} s, rm {rm_s:.2f} s")
-
-            def median(key: str) -> float:
-                return statistics.median(r[key] for r in result["rounds"])
-
-            inc_med, diff_med = median("incremental_s"), median("export_diff_s")
-            cycle = statistics.median(r["snap_create_s"] + r["export_diff_s"] + r["snap_rm_s"]
-                                      for r in result["rounds"])
-            result["incremental_s"], result["export_diff_s"] = inc_med, diff_med
-            result["export_diff_cycle_s"] = round(cycle, 3)
-            result["incremental_vs_export_diff"] = round(inc_med / diff_med, 2)
-            result["incremental_vs_export_diff_cycle"] = round(inc_med / cycle, 2)
-            result["incremental_vs_full"] = round(inc_med / full_s, 4)
-            result["load_after"] = round(os.getloadavg()[0], 2)
-            result["targets_met"] = {k: result[k] <= v for k, v in TARGETS.items()}
-
+                changed = sorted(rng.sample(range(size // OBJ), max(1, size // OBJ // 100)))
+                result["rounds"].append(bench.incremental_round(rnd, changed, rng))
+            result.update(_rbd_summary(result["rounds"], full_s))
             if verify:
-                started = time.monotonic()
-                restored, exported = wd / "restored.img", wd / "exported.img"
-                subprocess.run([BACKYFS, "restore", last_uid, str(restored)], env=benv, check=True,
-                               capture_output=True)
-                rbd.cli("export", "--no-progress", f"{rbd.pool}/{name}@{last_snap}", str(exported))
-                result["restore_identical"] = same_files(restored, exported)
-                log(f"restore of {last_uid} identical to its snapshot: {result['restore_identical']} "
-                    f"({time.monotonic() - started:.0f} s)")
-                if not result["restore_identical"]:
-                    raise SystemExit("bench_ceph: the restored image differs from its snapshot")
+                result["restore_identical"] = bench.verify_restore(wd)
     finally:
         rbd.remove(name)
         rbd.close()
     return result
+
+
+def _fill_image(rbd: Rbd, name: str, size: int, seed: int) -> int:
+    """Create the image and write its non-hole objects; the bytes written."""
+    started = time.monotonic()
+    rbd.create(name, size)
+    maker = BlockMaker(seed)
+    written = rbd.write_many(name, ((i * OBJ, maker.block(k, i))
+                                    for i, k in enumerate(layout(size // OBJ, seed)) if k != "hole"))
+    log(f"{name}: {size / 2**30:.1f} GiB image, {written / 2**30:.2f} GiB written "
+        f"in {time.monotonic() - started:.0f} s")
+    return written
+
+
+class _RbdRun:
+    """The timed commands of one RBD benchmark: backyfs backups, export-diff, snapshot create/rm."""
+
+    def __init__(self, rbd: Rbd, name: str, env: dict[str, str], benv: dict[str, str], cold: bool) -> None:
+        self.rbd, self.name, self.benv, self.cold = rbd, name, benv, cold
+        self.spec = f"rbd:{rbd.pool}/{name}"
+        self.rbd_cli = ["rbd", "--conf", env["CEPH_CONF"]]
+        self.last_uid, self.last_snap = "", ""
+
+    def full_backup(self, written: int) -> tuple[float, dict]:
+        full_s, out = timed([BACKYFS, "backup", self.spec, "bench", "--json"], self.benv, self.cold)
+        full = json.loads(out)
+        if full["bytes_read"] != written:
+            raise SystemExit(f"bench_ceph: the full backup read {full['bytes_read']}, not {written}")
+        self.last_uid = full["uid"]
+        log(f"full backup: {full_s:.2f} s ({written / MB / full_s:,.0f} MB/s of data)")
+        return full_s, full
+
+    def incremental_round(self, rnd: int, changed: list[int], rng: random.Random) -> dict:
+        """Write 256 KiB into each changed object, back up, and time the baselines on the same snapshots."""
+        rbd, pool, cold = self.rbd, self.rbd.pool, self.cold
+        rbd.write_many(self.name, ((i * OBJ + rng.randrange(0, OBJ - (256 << 10) + 1, 4096),
+                                    rng.randbytes(256 << 10)) for i in changed))
+        inc_s, out = timed([BACKYFS, "backup", self.spec, "bench", "--json"], self.benv, cold)
+        inc = json.loads(out)
+        expected_read = (len(changed) + inc["blocks_sampled"]) * OBJ
+        if inc["bytes_read"] != expected_read:
+            raise SystemExit(f"bench_ceph: incremental read {inc['bytes_read']}, not {expected_read}")
+        show = json.loads(subprocess.run([BACKYFS, "show", inc["uid"], "--json"], env=self.benv,
+                                         capture_output=True, text=True, check=True).stdout)
+        self.last_uid, self.last_snap = inc["uid"], show["snapshot"]
+        image_at = f"{pool}/{self.name}@{self.last_snap}"
+        diff_s, _ = timed([*self.rbd_cli, "export-diff", "--no-progress", "--from-snap", "bench-prev",
+                           image_at, "-"], self.benv, cold, discard=True)
+        whole_s, _ = timed([*self.rbd_cli, "export-diff", "--no-progress", "--whole-object",
+                            "--from-snap", "bench-prev", image_at, "-"], self.benv, cold, discard=True)
+        # What a backup made of export-diff also does: take a snapshot, drop the old one.
+        prev = f"{pool}/{self.name}@bench-prev"
+        rm_s, _ = timed([*self.rbd_cli, "snap", "rm", "--no-progress", prev], self.benv, cold)
+        create_s, _ = timed([*self.rbd_cli, "snap", "create", "--no-progress", prev], self.benv, cold)
+        log(f"round {rnd + 1}: {len(changed)} objects changed; incremental {inc_s:.2f} s "
+            f"(writer {inc['seconds']:.2f} s), export-diff {diff_s:.2f} s, "
+            f"--whole-object {whole_s:.2f} s; snap create {create_s:.2f} s, rm {rm_s:.2f} s")
+        return {"changed_objects": len(changed), "incremental_s": inc_s, "export_diff_s": diff_s,
+                "export_diff_whole_object_s": whole_s, "snap_create_s": create_s, "snap_rm_s": rm_s,
+                "bytes_read": inc["bytes_read"], "writer_seconds": inc["seconds"]}
+
+    def verify_restore(self, wd: Path) -> bool:
+        """Restore the last version and compare it with an rbd export of its snapshot."""
+        started = time.monotonic()
+        restored, exported = wd / "restored.img", wd / "exported.img"
+        subprocess.run([BACKYFS, "restore", self.last_uid, str(restored)], env=self.benv, check=True,
+                       capture_output=True)
+        snapshot = f"{self.rbd.pool}/{self.name}@{self.last_snap}"
+        self.rbd.cli("export", "--no-progress", snapshot, str(exported))
+        identical = same_files(restored, exported)
+        log(f"restore of {self.last_uid} identical to its snapshot: {identical} "
+            f"({time.monotonic() - started:.0f} s)")
+        if not identical:
+            raise SystemExit("bench_ceph: the restored image differs from its snapshot")
+        return identical
+
+
+def _rbd_summary(rounds: list[dict], full_s: float) -> dict:
+    """Medians over the rounds and their ratios to the baselines and the full backup."""
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in rounds)
+
+    inc_med, diff_med = median("incremental_s"), median("export_diff_s")
+    cycle = statistics.median(r["snap_create_s"] + r["export_diff_s"] + r["snap_rm_s"] for r in rounds)
+    summary = {"incremental_s": inc_med, "export_diff_s": diff_med, "export_diff_cycle_s": round(cycle, 3),
+               "incremental_vs_export_diff": round(inc_med / diff_med, 2),
+               "incremental_vs_export_diff_cycle": round(inc_med / cycle, 2),
+               "incremental_vs_full": round(inc_med / full_s, 4),
+               "load_after": round(os.getloadavg()[0], 2)}
+    summary["targets_met"] = {k: summary[k] <= v for k, v in TARGETS.items()}
+    return summary
 
 
 # --- stores: fs, S3 (radosgw), RADOS ---------------------------------------------------------------
