@@ -266,6 +266,27 @@ def test_a_backup_that_cannot_start_leaves_no_snapshot(repo_env: RepoEnv, rbd_po
     assert rbd.backyfs_snapshots(image) == [show(repo_env, stats["uid"])["snapshot"]]
 
 
+def test_a_wrong_ceph_setup_is_one_clear_line(repo_env: RepoEnv, rbd_pool: RbdPool, tmp_path: Path) -> None:
+    """A missing ceph.conf, pool or image each get their own one-line error (librados reports a
+    missing configuration file as ObjectNotFound, which once read as "pool does not exist")."""
+    rbd = rbd_pool
+    absent = rbd.spec(rbd.name("absent"))
+    conf = tmp_path / "none.conf"
+    cases = [({"CEPH_CONF": str(conf)}, absent, f"cannot read the Ceph configuration {conf} (set CEPH_CONF)"),
+             ({}, "rbd:no-such-pool/img", "Ceph pool 'no-such-pool' does not exist"),
+             ({}, absent, f"RBD image {absent[4:]} does not exist")]
+    for env, spec, message in cases:
+        saved = dict(repo_env.env)
+        repo_env.env.update(env)
+        try:
+            res = repo_env.run("backup", spec, "never")
+        finally:
+            repo_env.env.clear()
+            repo_env.env.update(saved)
+        assert res.rc == 1 and res.err_lines == [f"backyfs: error: {message}"], res.err
+    assert repo_env.versions() == []
+
+
 def test_restore_onto_an_existing_image(repo_env: RepoEnv, rbd_pool: RbdPool) -> None:
     rbd = rbd_pool
     rng = random.Random(3)

@@ -45,15 +45,25 @@ class _Cluster:
         except ImportError:
             raise BackyfsError("RBD support needs the rados and rbd Python modules (scripts/setup)") from None
         conf = os.environ.get("CEPH_CONF", "/etc/ceph/ceph.conf")
-        try:
+        try:  # reads the configuration file: ObjectNotFound here is a missing file, not a pool
             self.cluster = rados.Rados(conffile=conf)
+        except rados.ObjectNotFound:
+            raise BackyfsError(f"cannot read the Ceph configuration {conf} (set CEPH_CONF)") from None
+        except rados.Error as exc:
+            raise BackyfsError(f"bad Ceph configuration {conf}: {exc}") from None
+        try:
             self.cluster.conf_set("client_mount_timeout", "15")
             self.cluster.connect(timeout=15)
-            self.ioctx = self.cluster.open_ioctx(pool)
-        except rados.ObjectNotFound:
-            raise BackyfsError(f"Ceph pool {pool!r} does not exist") from None
         except rados.Error as exc:
+            self.cluster.shutdown()
             raise BackyfsError(f"cannot connect to Ceph ({conf}): {exc}") from None
+        try:
+            self.ioctx = self.cluster.open_ioctx(pool)
+        except rados.Error as exc:
+            self.cluster.shutdown()
+            if isinstance(exc, rados.ObjectNotFound):
+                raise BackyfsError(f"Ceph pool {pool!r} does not exist") from None
+            raise BackyfsError(f"cannot open Ceph pool {pool!r}: {exc}") from None
 
     def close(self) -> None:
         self.ioctx.close()
