@@ -105,35 +105,119 @@ def load_config(path: str | None = None) -> Config:
     return _from_dict(raw, path)
 
 
-def _from_dict(raw: dict, path: str) -> Config:
-    known = {"data_dir", "block_size", "threads", "compression_level", "store", "limits", "cache", "jobs"}
-    unknown = set(raw) - known
+# Every setting and its type, per table: a typo or a wrong type is an error that names the setting,
+# never a silently ignored key or a default used instead. float accepts integers too.
+_TOP = {"data_dir": str, "block_size": (str, int), "threads": int, "compression_level": int,
+        "store": dict, "limits": dict, "cache": dict, "jobs": dict}
+_LIMITS = {"read_mb_s": float, "write_mb_s": float}
+_CACHE = {"memory_mb": int, "disk_mb": int}
+_STORES: dict[str, dict[str, type | tuple]] = {
+    "fs": {"type": str, "path": str, "fsync": bool},
+    "s3": {"type": str, "bucket": str, "prefix": str, "endpoint_url": str, "region": str,
+           "access_key": str, "secret_key": str, "path_style": bool, "parallelism": int,
+           "max_attempts": int, "connect_timeout": float, "read_timeout": float, "create_bucket": bool},
+    "rados": {"type": str, "pool": str, "conffile": str, "prefix": str, "cluster_name": str,
+              "client_name": str, "namespace": str, "connect_timeout": int, "op_timeout": int},
+}
+_REQUIRED = {"s3": "bucket", "rados": "pool"}
+_JOB = {"source": str, "volume": str, "labels": dict, "args": list, "max_age_hours": float, "keep": dict}
+_KEEP = {"last": int, "daily": int, "weekly": int, "monthly": int}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               dict: "a table", list: "a list"}
+
+
+def _is(value: object, kind: type) -> bool:
+    if isinstance(value, bool):  # TOML booleans are Python ints: only bool takes them
+        return kind is bool
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _check(table: object, where: str, schema: dict[str, type | tuple]) -> dict:
+    """TABLE itself, once it is a table with only SCHEMA's keys, each of its type."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(table) - set(schema))
     if unknown:
-        raise ConfigError(f"config {path}: unknown setting(s) {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(schema))})")
+    for key, value in table.items():
+        kinds = schema[key] if isinstance(schema[key], tuple) else (schema[key],)
+        if not any(_is(value, kind) for kind in kinds):
+            wanted = " or ".join(_TYPE_NAMES[kind] for kind in kinds)
+            # Name a secret's type, never its value: the error may end up in a log.
+            shown = _TYPE_NAMES.get(type(value), type(value).__name__) if "secret" in key else repr(value)
+            raise ConfigError(f"{where}: {key} must be {wanted}, not {shown}")
+    return table
+
+
+def _in_range(where: str, key: str, value: float, low: float, high: float | None = None) -> None:
+    if value < low or (high is not None and value > high):
+        bounds = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
+        raise ConfigError(f"{where}: {key} must be {bounds}, not {value:g}")
+
+
+def _from_dict(raw: dict, path: str) -> Config:
+    where = f"config {path}"
+    _check(raw, where, _TOP)
+    cfg = Config(source=path)
+    if "data_dir" in raw:
+        if not raw["data_dir"].strip():
+            raise ConfigError(f"{where}: data_dir must not be empty")
+        cfg.data_dir = os.path.expanduser(raw["data_dir"])
     try:
-        cfg = Config(source=path)
-        if "data_dir" in raw:
-            cfg.data_dir = os.path.expanduser(str(raw["data_dir"]))
         cfg.block_size = parse_size(raw.get("block_size", cfg.block_size))
-        cfg.threads = int(raw.get("threads", cfg.threads))
-        cfg.compression_level = int(raw.get("compression_level", cfg.compression_level))
-        cfg.store = dict(raw.get("store", cfg.store))
-        cfg.jobs = {str(k): dict(v) for k, v in raw.get("jobs", {}).items()}
-        limits, cache = raw.get("limits", {}), raw.get("cache", {})
-        cfg.read_mb_s = float(limits.get("read_mb_s", 0))
-        cfg.write_mb_s = float(limits.get("write_mb_s", 0))
-        cfg.cache_memory_mb = int(cache.get("memory_mb", cfg.cache_memory_mb))
-        cfg.cache_disk_mb = int(cache.get("disk_mb", cfg.cache_disk_mb))
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise ConfigError(f"config {path}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: block_size: {exc}") from None
     bs = cfg.block_size
     if bs < 64 * 1024 or bs > 64 << 20 or bs & (bs - 1):
-        raise ConfigError(f"config {path}: block_size must be a power of two from 64KiB to 64MiB")
-    if cfg.threads < 1 or cfg.threads > 64:
-        raise ConfigError(f"config {path}: threads must be 1 to 64")
-    if cfg.store.get("type", "fs") not in ("fs", "s3", "rados"):
-        raise ConfigError(f"config {path}: store type must be fs, s3 or rados")
+        raise ConfigError(f"{where}: block_size must be a power of two from 64KiB to 64MiB")
+    cfg.threads = raw.get("threads", cfg.threads)
+    _in_range(where, "threads", cfg.threads, 1, 64)
+    cfg.compression_level = raw.get("compression_level", cfg.compression_level)
+    _in_range(where, "compression_level", cfg.compression_level, 0, 22)  # zstd's; 0 stores raw
+    cfg.store = _store(raw.get("store", cfg.store), where)
+    limits = _check(raw.get("limits", {}), f"{where}: [limits]", _LIMITS)
+    cfg.read_mb_s, cfg.write_mb_s = (float(limits.get(k, 0)) for k in ("read_mb_s", "write_mb_s"))
+    for key in _LIMITS:
+        _in_range(f"{where}: [limits]", key, limits.get(key, 0), 0)
+    cache = _check(raw.get("cache", {}), f"{where}: [cache]", _CACHE)
+    cfg.cache_memory_mb = cache.get("memory_mb", cfg.cache_memory_mb)
+    cfg.cache_disk_mb = cache.get("disk_mb", cfg.cache_disk_mb)
+    _in_range(f"{where}: [cache]", "memory_mb", cfg.cache_memory_mb, 16)
+    _in_range(f"{where}: [cache]", "disk_mb", cfg.cache_disk_mb, 0)
+    cfg.jobs = _jobs(raw.get("jobs", {}), where)
     return cfg
+
+
+def _store(store: object, where: str) -> dict:
+    if not isinstance(store, dict):
+        raise ConfigError(f"{where}: [store] must be a table")
+    kind = store.get("type", "fs")
+    if not isinstance(kind, str) or kind not in _STORES:
+        raise ConfigError(f"{where}: store type must be fs, s3 or rados, not {kind!r}")
+    _check(store, f"{where}: [store] of type {kind}", _STORES[kind])
+    if kind in _REQUIRED and _REQUIRED[kind] not in store:
+        raise ConfigError(f"{where}: [store] of type {kind} needs {_REQUIRED[kind]}")
+    return dict(store)
+
+
+def _jobs(jobs: object, where: str) -> dict:
+    if not isinstance(jobs, dict):
+        raise ConfigError(f"{where}: [jobs] must be a table")
+    out = {}
+    for name, job in jobs.items():
+        job_where = f"{where}: [jobs.{name}]"
+        _check(job, job_where, _JOB)
+        if "source" not in job:
+            raise ConfigError(f"{job_where} needs a source")
+        for key, count in _check(job.get("keep", {}), f"{job_where} keep", _KEEP).items():
+            _in_range(f"{job_where} keep", key, count, 0)
+        labels = job.get("labels", {})
+        _check(labels, f"{job_where} labels", dict.fromkeys(labels, (str, int, float)))
+        if "max_age_hours" in job:
+            _in_range(job_where, "max_age_hours", job["max_age_hours"], 0.01)
+        out[str(name)] = dict(job)
+    return out
 
 
 def open_store(cfg: Config, *, read_mb_s: float | None = None, write_mb_s: float | None = None):

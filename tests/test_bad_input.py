@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -112,9 +113,23 @@ def test_corrupt_store_object(repo_env: RepoEnv, image: Path, with_version: str,
     ("threads = 'many'\n", "threads"),
     ("[store]\ntype = 'tape'\n", "store type"),
     ("[store]\ntype = 'fs'\ncolour = 'blue'\n", "[store]"),
-    ("[limits]\nread_mb_s = 'fast'\n", "fast"),
+    ("[limits]\nread_mb_s = 'fast'\n", "[limits]: read_mb_s must be a number, not 'fast'"),
+    ("threads = true\n", "threads must be an integer, not True"),
+    ("compression_level = 99\n", "compression_level must be from 0 to 22, not 99"),
+    ("[cache]\nmemory_mbb = 512\n", "[cache]: unknown setting(s) memory_mbb"),
+    ("[cache]\ndisk_mb = -1\n", "[cache]: disk_mb must be at least 0, not -1"),
+    ("cache = 5\n", "cache must be a table, not 5"),
+    ("[store]\ntype = 's3'\nendpoint_url = 'http://127.0.0.1:1'\n", "[store] of type s3 needs bucket"),
+    ("[store]\ntype = 's3'\nbucket = 'b'\npath_style = 'yes'\n", "path_style must be true or false"),
+    ("[store]\ntype = 's3'\nbucket = 'b'\nsecret_key = 31415926\n",
+     "secret_key must be a string, not an integer"),
+    ("[store]\ntype = ['s3']\n", "store type must be fs, s3 or rados, not ['s3']"),
+    ("[jobs.a]\nsource = 5\n", "[jobs.a]: source must be a string, not 5"),
+    ("[jobs.a]\nsource = '/x'\nkeep = { lastt = 3 }\n", "[jobs.a] keep: unknown setting(s) lastt"),
 ], ids=["bad-toml", "unknown-key", "block-size-3MiB", "block-size-small", "block-size-word",
-        "threads-0", "threads-word", "store-type", "store-key", "limit-word"])
+        "threads-0", "threads-word", "store-type", "store-key", "limit-word", "threads-bool",
+        "compression-99", "cache-typo", "cache-negative", "cache-not-table", "s3-no-bucket",
+        "s3-path-style-word", "s3-secret-not-echoed", "store-type-list", "job-source-int", "job-keep-typo"])
 def test_wrong_config(tmp_path: Path, image: Path, config: str, message: str) -> None:
     cfg = tmp_path / "backyfs.toml"
     cfg.write_text(f'data_dir = "{tmp_path / "data"}"\n{config}')
@@ -122,6 +137,25 @@ def test_wrong_config(tmp_path: Path, image: Path, config: str, message: str) ->
     proc = subprocess.run([BACKYFS, "--config", str(cfg), "backup", str(image), "vm"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert_one_line_error(Result(proc.returncode, proc.stdout, proc.stderr), rc=1, contains=message)
+    assert "31415926" not in proc.stderr  # the secret of the s3-secret-not-echoed case
+
+
+def test_the_documented_config_is_accepted(tmp_path: Path) -> None:
+    """The example in backyfs/config.py's docstring, which names every setting, loads as written,
+    and with its commented S3 and RADOS settings filled in too."""
+    import backyfs.config as config
+
+    example = config.__doc__.split("\n\n", 2)[2]
+    assert "[store]" in example and "[jobs.vm1-root]" in example
+    cfg_path = tmp_path / "example.toml"
+    cfg_path.write_text(example)
+    cfg = config.load_config(str(cfg_path))
+    assert (cfg.threads, cfg.cache_disk_mb, cfg.jobs["vm1-root"]["keep"]["weekly"]) == (4, 4096, 8)
+    for kind in ("s3", "rados"):  # the comment's list of each store's settings
+        keys = re.search(rf"# {kind}:\s*(.+)", example).group(1).split(", ")
+        store = "\n".join(f"{k} = {'true' if k == 'path_style' else repr('x')}" for k in keys)
+        cfg_path.write_text(f'[store]\ntype = "{kind}"\n{store}\n')
+        assert config.load_config(str(cfg_path)).store["type"] == kind
 
 
 def test_missing_config_file(repo_env: RepoEnv, tmp_path: Path) -> None:

@@ -22,10 +22,7 @@ def _job(cfg, name: str) -> dict:
     if name not in cfg.jobs:
         known = ", ".join(sorted(cfg.jobs)) or "none configured"
         raise ConfigError(f"unknown job {name!r} (jobs: {known})")
-    job = cfg.jobs[name]
-    if "source" not in job:
-        raise ConfigError(f"job {name}: needs a source")
-    return job
+    return cfg.jobs[name]  # load_config checked its settings: it has a source
 
 
 def _backup_argv(name: str, job: dict) -> list[str]:
