@@ -213,6 +213,26 @@ def test_rebuild_db_from_the_store(repo_env: RepoEnv, tmp_path: Path) -> None:
     assert again.rc == 1 and again.err.startswith("backyfs:")
 
 
+def test_rebuild_db_leaves_out_a_version_with_damaged_metadata(repo_env: RepoEnv, tmp_path: Path) -> None:
+    """One version's metadata object truncated in the store: the others are rebuilt and restorable,
+    the damaged one is named in one line, and the exit code says damaged data was found."""
+    img = write_image(tmp_path / "img", ["rand", "text", "rand"])
+    v1 = repo_env.backup(img, "vm")["uid"]
+    overwrite_blocks(img, [1])
+    v2 = repo_env.backup(img, "vm")["uid"]
+    meta = repo_env.store_dir / "versions" / v1 / "meta.json"
+    meta.write_bytes(meta.read_bytes()[:20])
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{repo_env.db_path}{suffix}").unlink(missing_ok=True)
+
+    res = repo_env.run("rebuild-db")
+    assert res.rc == 3, res.err
+    assert "1 versions" in res.out
+    assert len(res.err_lines) == 1 and v1 in res.err and "damaged metadata" in res.err, res.err
+    assert [v["uid"] for v in repo_env.versions()] == [v2]
+    assert files_equal(img, restore_to(repo_env, v2, tmp_path / "r2"))
+
+
 def test_labels_protect_show_ls_rm(repo_env: RepoEnv, tmp_path: Path) -> None:
     img = write_image(tmp_path / "img", ["rand", "text"])
     v1 = repo_env.backup(img, "vm", "--label", "a=1", "--label", "b=2")["uid"]

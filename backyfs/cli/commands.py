@@ -301,6 +301,9 @@ def cmd_rebuild_db(args: argparse.Namespace) -> int:
         raise BackyfsError(f"{repo.db.path} is not empty; move it aside to rebuild it from the store")
     result = repo.rebuild_db()
     print(f"rebuilt {repo.db.path}: {result['versions']} versions, {result['objects']} objects")
+    if result["damaged"]:
+        raise DataProblem(f"left out {len(result['damaged'])} version(s) with damaged metadata: "
+                          + "; ".join(result["damaged"]))
     return 0
 
 

@@ -157,16 +157,20 @@ class Repository:
 
     # --- rebuild --------------------------------------------------------------------------
     def rebuild_db(self) -> dict:
-        """Fill an empty DB from the store: versions, block maps, and the object index."""
+        """Fill an empty DB from the store: versions, block maps, and the object index. A version
+        whose metadata is missing or damaged is left out (listed under "damaged") rather than
+        failing the rest: recovering from the store alone is for stores that may be hurt."""
         uids = sorted({k.split("/")[1] for k in self.store.list("versions/") if k.count("/") == 2})
         versions: list[tuple[Version, BlockMap]] = []
+        damaged: list[str] = []
         for uid in uids:
             try:
-                meta = json.loads(codec.decode(self.store.get(f"versions/{uid}/meta.json")))
-                blockmap = BlockMap.from_bytes(codec.decode(self.store.get(f"versions/{uid}/blockmap")))
-            except (ObjectMissing, CorruptObject, ValueError) as exc:
-                raise BackyfsError(f"cannot rebuild version {uid}: {exc}") from None
-            versions.append((Version.from_json(meta), blockmap))
+                meta_key, map_key = f"versions/{uid}/meta.json", f"versions/{uid}/blockmap"
+                meta = json.loads(codec.decode(self.store.get(meta_key), meta_key))
+                blockmap = BlockMap.from_bytes(codec.decode(self.store.get(map_key), map_key))
+                versions.append((Version.from_json(meta), blockmap))
+            except (ObjectMissing, CorruptObject, ValueError, TypeError, AttributeError) as exc:
+                damaged.append(f"{uid} ({exc})")
         # Parents first, so foreign keys hold.
         versions.sort(key=lambda vb: vb[0].created)
         known = {v.uid for v, _ in versions}
@@ -181,4 +185,4 @@ class Repository:
             if digest is not None:
                 blocks.append((digest, self.store.size(key)))
         self.db.add_blocks(blocks)
-        return {"versions": len(versions), "objects": len(blocks)}
+        return {"versions": len(versions), "objects": len(blocks), "damaged": damaged}
