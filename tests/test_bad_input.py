@@ -271,6 +271,45 @@ def test_bad_arguments(repo_env: RepoEnv, with_version: str, image: Path, args: 
     assert_one_line_error(res, rc=1)
 
 
+def test_a_reader_that_goes_away_ends_output_quietly(repo_env: RepoEnv, image: Path) -> None:
+    """`backyfs ls | head -1`: the closed pipe ends the command with 141 (as SIGPIPE would) and no
+    message, not an error or a traceback."""
+    for i in range(3):
+        repo_env.backup(image, f"vm{i}")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run([BACKYFS, "ls"], env=repo_env.env, stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
+def test_every_command_explains_itself() -> None:
+    """--help of every command has a description beyond its one-line summary, and every argument and
+    option of every command (subcommands included) says what it is."""
+    import argparse
+
+    from backyfs.cli.main import build_parser
+
+    def arguments(parser: argparse.ArgumentParser, name: str) -> Iterator[tuple[str, argparse.Action]]:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from arguments(sub, f"{name} {sub_name}")
+            elif not isinstance(action, argparse._HelpAction):
+                yield name, action
+
+    commands = build_parser()._subparsers._group_actions[0]  # type: ignore[union-attr]
+    summaries = {choice.dest: choice.help for choice in commands._choices_actions}
+    for name, parser in commands.choices.items():
+        assert parser.description and parser.description != summaries[name], name
+        assert len(parser.description.splitlines()) >= 2 or len(parser.description) > 100, name
+        for where, action in arguments(parser, name):
+            assert action.help, f"{where}: {action.option_strings or action.dest} has no help"
+
+
 def test_the_parser_loads_only_what_a_command_needs() -> None:
     """A core command's run builds a parser without the NBD/FUSE modules (start-up time); anything
     else, the top-level help included, gets every command."""

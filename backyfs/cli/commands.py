@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from backyfs.cli import helptext
 from backyfs.cli.progress import Progress
 from backyfs.errors import BackyfsError
 
@@ -245,9 +246,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         data["blocks_allocated"] = None
     if args.json:
         _print_json(data)
-    else:
-        for key, value in data.items():
-            print(f"{key:>16}: {value}")
+        return 0
+    for key, value in data.items():
+        if key in ("created", "heartbeat") and isinstance(value, (int, float)):  # epoch seconds in JSON
+            value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+        print(f"{key:>16}: {value}")
     return 0
 
 
@@ -314,9 +317,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func)
         return p
 
-    add("init", cmd_init, "create the data directory, store and metadata database")
+    add("init", cmd_init, "create the data directory, store and metadata database", helptext.INIT)
 
-    p = add("backup", cmd_backup, "back up a disk image, block device or RBD image", BACKUP_HELP)
+    p = add("backup", cmd_backup, "back up a disk image, block device or RBD image", helptext.BACKUP)
     p.add_argument("source", metavar="SOURCE", help="image file, block device, or rbd:POOL/IMAGE")
     p.add_argument("volume", metavar="VOLUME", help="volume name the versions are filed under")
     mode = p.add_mutually_exclusive_group()
@@ -335,8 +338,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--write-limit", type=float, metavar="MB/S", help="cap writes to the store")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a line")
 
-    p = add("restore", cmd_restore, "restore a version to a file, block device or RBD image", RESTORE_HELP)
-    p.add_argument("version", metavar="VERSION")
+    p = add("restore", cmd_restore, "restore a version to a file, block device or RBD image",
+            helptext.RESTORE)
+    p.add_argument("version", metavar="VERSION", help=helptext.VERSION)
     p.add_argument("target", metavar="TARGET", help="file, block device, or rbd:POOL/IMAGE")
     p.add_argument("--force", action="store_true", help="overwrite an existing target")
     p.add_argument("--sparse", action="store_true",
@@ -345,57 +349,37 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     for name, deep in (("scrub", False), ("deep-scrub", True)):
         p = add(name, cmd_scrub, "read and hash every object" if deep else
-                "check that every object exists with the right size", SCRUB_HELP)
-        p.add_argument("version", metavar="VERSION", nargs="?")
+                "check that every object exists with the right size", helptext.SCRUB)
+        p.add_argument("version", metavar="VERSION", nargs="?", help=helptext.VERSION)
         p.add_argument("--all", action="store_true", help="every version")
         p.add_argument("--percent", type=float, default=100.0, metavar="P",
                        help="check a random P%% of the objects (default 100)")
 
-    p = add("ls", cmd_ls, "list versions")
+    p = add("ls", cmd_ls, "list versions", helptext.LS)
     p.add_argument("volume", metavar="VOLUME", nargs="?", help="only this volume")
-    p.add_argument("--json", action="store_true")
-    p = add("show", cmd_show, "show one version's metadata")
-    p.add_argument("version", metavar="VERSION")
-    p.add_argument("--json", action="store_true")
-    p = add("rm", cmd_rm, "remove a version (its blocks stay until garbage collection)")
-    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per version)")
+    p = add("show", cmd_show, "show one version's metadata", helptext.SHOW)
+    p.add_argument("version", metavar="VERSION", help=helptext.VERSION)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = add("rm", cmd_rm, "remove a version (its blocks stay until garbage collection)", helptext.RM)
+    p.add_argument("version", metavar="VERSION", help="uid or unique uid prefix (not a volume name)")
     p.add_argument("--force", action="store_true", help="remove even a protected version")
     for name in ("protect", "unprotect"):
-        add(name, cmd_protect, f"{name} a version against rm").add_argument("version", metavar="VERSION")
-    p = add("label", cmd_label, "set or remove labels of a version")
-    p.add_argument("version", metavar="VERSION")
-    p.add_argument("labels", metavar="KEY=VALUE", nargs="*")
-    p.add_argument("--remove", metavar="KEY", action="append")
-    p = add("stats", cmd_stats, "repository totals")
-    p.add_argument("--json", action="store_true")
-    add("rebuild-db", cmd_rebuild_db, "rebuild an empty metadata database from the store alone")
+        add(name, cmd_protect, f"{name} a version against rm and prune",
+            helptext.PROTECT).add_argument("version", metavar="VERSION", help=helptext.VERSION)
+    p = add("label", cmd_label, "set or remove labels of a version", helptext.LABEL)
+    p.add_argument("version", metavar="VERSION", help=helptext.VERSION)
+    p.add_argument("labels", metavar="KEY=VALUE", nargs="*", help="labels to set")
+    p.add_argument("--remove", metavar="KEY", action="append", help="remove this label (repeatable)")
+    p = add("stats", cmd_stats, "repository totals", helptext.STATS)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add("rebuild-db", cmd_rebuild_db, "rebuild an empty metadata database from the store alone",
+        helptext.REBUILD_DB)
     register_housekeeping(sub)
 
 
-BACKUP_HELP = """\
-Back up SOURCE as a new version of VOLUME.
 
-The first backup of a volume reads every allocated block (holes of sparse files are skipped
-without reading them; zero blocks are never stored). Later backups are forward differentials on
-the volume's latest valid version (or --parent): unchanged blocks are deduplicated by digest.
-With --hints (the JSON of 'rbd diff --format json') only the hinted extents are read, and a small
-random sample of the other blocks is re-read to catch a wrong diff. RBD sources (rbd:POOL/IMAGE)
-take a snapshot and diff against the parent's snapshot by themselves.
 
-A version turns valid only when all its blocks are durable. An interrupted backup leaves it
-pending; running the same backup again resumes it."""
-
-RESTORE_HELP = """\
-Restore VERSION to TARGET in parallel. Every block is checked against its digest. A missing or
-corrupt block is reported with its block index and byte offset, the rest is still restored, and
-the exit code is 3. A new or overwritten file is written sparse."""
-
-SCRUB_HELP = """\
-scrub checks that each object the version(s) reference exists with the recorded size;
-deep-scrub reads, decodes and hashes each one. Bad objects are named with the versions, block
-indices and offsets that use them, and those versions are marked invalid (exit code 3). Backing
-up the same data again writes a good copy and heals them; a later full scrub marks the
-versions valid again."""
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -431,22 +415,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def register_housekeeping(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gc", help="delete stored blocks no version references (safe during backups)",
-                       description=GC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=helptext.GC, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=cmd_gc)
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p = sub.add_parser("prune", help="remove versions a keep-policy does not keep",
-                       description="Remove valid, unprotected versions that no --keep-* rule keeps. "
-                       "Run gc afterwards to free their blocks.")
+                       description=helptext.PRUNE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=cmd_prune)
     p.add_argument("volume", metavar="VOLUME", nargs="?", help="only this volume (default: all)")
-    for rule in ("last", "daily", "weekly", "monthly"):
-        p.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N")
-    p.add_argument("--dry-run", action="store_true")
+    for rule, what in (("last", "the N newest versions"), ("daily", "the newest of each of N days"),
+                       ("weekly", "the newest of each of N weeks"),
+                       ("monthly", "the newest of each of N months")):
+        p.add_argument(f"--keep-{rule}", type=_count, default=0, metavar="N", help=f"keep {what}")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
 
 
-GC_HELP = """\
-Delete stored blocks that no version references, in two phases so it is safe while backups run:
-a run condemns unreferenced blocks (new backups then write them again instead of relying on
-them), and a later run deletes condemned blocks that are still unreferenced once every backup
-that started before the condemnation has finished. Run it twice, some time apart, e.g. daily."""
+def _count(text: str) -> int:
+    """argparse type of a --keep-* rule: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
+    return value
+
+

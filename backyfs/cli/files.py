@@ -108,5 +108,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "name. Symlinks are followed for PATH itself.")
     p.set_defaults(func=cmd_ls_files)
     p.add_argument("spec", metavar="VERSION[:partN]", help=SPEC_HELP)
-    p.add_argument("path", metavar="PATH", nargs="?", default="/")
+    p.add_argument("path", metavar="PATH", nargs="?", default="/", help="folder to list (default: /)")
     p.add_argument("--json", action="store_true", help="print JSON (mode as a number, mtime in seconds)")

@@ -117,9 +117,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "`backyfs jobs`, and prune by the job's keep policy after a good run.")
     job_sub = p.add_subparsers(dest="job_command", metavar="ACTION", required=True)
     run = job_sub.add_parser("run", help="run one job now")
-    run.add_argument("name", metavar="NAME")
+    run.add_argument("name", metavar="NAME", help="a [jobs.NAME] table of the config")
     run.set_defaults(func=cmd_job_run)
     p = sub.add_parser("jobs", help="job monitor: the last run of every job (exit 3 on trouble)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per job)")
     p.set_defaults(func=cmd_jobs)

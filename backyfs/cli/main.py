@@ -1,13 +1,14 @@
 """backyfs command line entry point: builds the parser from the command modules, maps errors to exits.
 
 Exit codes: 0 success, 1 error, 2 usage error, 3 data problems found (restore incomplete, scrub
-found bad blocks), 130 interrupted.
+found bad blocks), 130 interrupted, 141 the reader of stdout went away (`backyfs ls | head`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from backyfs import __version__
@@ -15,6 +16,7 @@ from backyfs.cli import commands
 from backyfs.errors import BackyfsError
 
 EXIT_ERROR, EXIT_USAGE, EXIT_DATA, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 DESCRIPTION = """\
 Block-based, deduplicating backups of VM disks (image files, block devices, Ceph RBD images).
@@ -77,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="backyfs: %(levelname)s: %(message)s")
     try:
-        return args.func(args) or 0
+        rc = args.func(args) or 0
+        sys.stdout.flush()  # here, not at exit: a reader that went away is handled below
+        return rc
     except commands.DataProblem as exc:
         print(f"backyfs: {exc}", file=sys.stderr)
         return EXIT_DATA
@@ -87,10 +91,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("backyfs: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError as exc:
+        if not _stdout_reader_gone():
+            print(f"backyfs: error: {exc.strerror}", file=sys.stderr)
+            return EXIT_ERROR
+        # `backyfs ls | head`: the reader has what it wanted; end quietly, as cat and ls do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"backyfs: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reading end is closed (poll reports an error)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mount", help="mount every version as files (FUSE)", description=MOUNT_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=cmd_mount)
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing, empty directory")
     p.add_argument("--writable", action="store_true",
                    help="allow writes to disk.img and partitions; they go to the version's overlay")
     p.add_argument("--overlay", metavar="NAME", help="the overlay writes go to (default: default)")
