@@ -264,8 +264,11 @@ def test_hints_without_a_parent(repo_env: RepoEnv, image: Path, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("args", [["scrub"], ["deep-scrub", "--all", "--percent", "0"],
-                                  ["label", "vm", "novalue"], ["backup", "{img}", "vm", "--label", "=x"]],
-                         ids=["scrub-nothing", "percent-0", "bad-label", "bad-backup-label"])
+                                  ["label", "vm", "novalue"], ["backup", "{img}", "vm", "--label", "=x"],
+                                  ["serve", "--socket", "/nonexistent/dir/s.sock", "vm"],
+                                  ["serve", "--listen", "127.0.0.1:99999", "vm"]],
+                         ids=["scrub-nothing", "percent-0", "bad-label", "bad-backup-label",
+                              "serve-socket-dir", "serve-port"])
 def test_bad_arguments(repo_env: RepoEnv, with_version: str, image: Path, args: list[str]) -> None:
     res = repo_env.run(*[a.format(img=image) for a in args])
     assert_one_line_error(res, rc=1)

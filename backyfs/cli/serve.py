@@ -281,6 +281,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     else:
         endpoint = Endpoint(socket=os.path.abspath(args.socket or os.path.join(run_dir, "nbd.sock")))
         base = re.sub(r"\.sock$", "", endpoint.socket)
+        if args.socket and not os.path.isdir(os.path.dirname(endpoint.socket)):
+            raise BackyfsError(f"cannot serve on {endpoint.socket}: its directory does not exist")
     if args.tls_psk:
         endpoint.psk_file = os.path.abspath(args.tls_psk)
         endpoint.tls_user = ensure_psk(endpoint.psk_file)
