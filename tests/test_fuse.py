@@ -263,7 +263,10 @@ def test_mount_returns_when_ready(repo_env, tmp_path):
         assert res.rc == 0, res.err
         assert is_mounted(mnt)  # no waiting: ready when the command returns
         assert files_equal(mnt / "vm" / uid / "disk.img", src)
+        again = repo_env.run("mount", mnt, timeout=30)  # would hide the running mount under a second
+        assert again.rc == 1 and "already mounted" in again.err, again.err
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        assert not is_mounted(mnt)  # the only mount is gone: nothing was stacked on it
         _no_leftovers(mnt)
     finally:
         cleanup(None, mnt)

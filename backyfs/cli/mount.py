@@ -6,6 +6,7 @@ import argparse
 import logging
 import logging.handlers
 import os
+import re
 import tempfile
 
 from backyfs.config import load_config
@@ -37,11 +38,29 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mountpoint):
         raise BackyfsError(f"mount point {mountpoint} is not a directory")
+    if _backyfs_mounted(mountpoint):  # a second mount would hide the first one, still running
+        raise BackyfsError(f"backyfs is already mounted on {mountpoint}; unmount it first: "
+                           f"fusermount3 -u {mountpoint}")
     cfg = load_config(args.config)
     if args.foreground:
         _serve(cfg, mountpoint, args, overlay, ready=None)
         return 0
     return _daemon(cfg, mountpoint, args, overlay)
+
+
+def _backyfs_mounted(mountpoint: str) -> bool:
+    """Whether the top mount on MOUNTPOINT is a backyfs FUSE mount (type fuse.backyfs)."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return False
+    # /proc/self/mounts escapes spaces and the like as octal (\040); later lines are mounted on top.
+    def unescape(path: str) -> str:
+        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), path)
+
+    on_it = [fields[2] for fields in mounts if len(fields) > 2 and unescape(fields[1]) == mountpoint]
+    return bool(on_it) and on_it[-1] == "fuse.backyfs"
 
 
 def _serve(cfg, mountpoint: str, args: argparse.Namespace, overlay: str, ready) -> None:
