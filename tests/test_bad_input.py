@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -213,6 +215,40 @@ def test_full_disk(small_tmpfs: Path, tmp_path: Path) -> None:
     assert [v["state"] for v in listing.json()] == ["pending"]  # type: ignore[union-attr]
     assert run("restore", "vm", str(tmp_path / "out")).rc == 1
     assert not any(".tmp." in p.name for p in (small_tmpfs / "data" / "store").rglob("*"))
+
+
+def test_restore_onto_a_full_disk_removes_what_it_created(repo_env: RepoEnv, small_tmpfs: Path,
+                                                          tmp_path: Path) -> None:
+    """A restore that stops part-way leaves no full-size file that looks complete: one it created is
+    removed; one it was told to overwrite (--force) is kept and called incomplete."""
+    img = write_image(tmp_path / "big", ["rand"] * 10)  # 40 MiB into a 20 MiB tmpfs
+    uid = repo_env.backup(img, "vm")["uid"]
+    new = small_tmpfs / "new.img"
+    res = repo_env.run("restore", uid, new)
+    assert_one_line_error(res, rc=1, contains=f"removed the incomplete {new}")
+    assert "No space left" in res.err and not new.exists()
+
+    old = small_tmpfs / "old.img"
+    old.write_bytes(b"old")
+    res = repo_env.run("restore", uid, old, "--force")
+    assert_one_line_error(res, rc=1, contains=f"{old} is incomplete")
+    assert old.exists()
+
+
+def test_interrupted_restore_removes_what_it_created(repo_env: RepoEnv, tmp_path: Path) -> None:
+    """Ctrl-C during a restore into a new file: exit 130, and the partial file is gone."""
+    repo_env.use_config("[limits]\nread_mb_s = 16\n")  # 32 MiB of blocks take ~2 s to read
+    uid = repo_env.backup(write_image(tmp_path / "img", ["rand"] * 8), "vm")["uid"]
+    out = tmp_path / "out.img"
+    proc = repo_env.popen("restore", uid, out)
+    deadline = time.monotonic() + 30
+    while not out.exists() and time.monotonic() < deadline:  # the restore has begun writing
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"removed the incomplete {out}" in err and not out.exists()
 
 
 @pytest.mark.parametrize("size", [100, 4096, "half"])

@@ -287,6 +287,30 @@ def test_a_wrong_ceph_setup_is_one_clear_line(repo_env: RepoEnv, rbd_pool: RbdPo
     assert repo_env.versions() == []
 
 
+def test_interrupted_restore_removes_the_image_it_created(repo_env: RepoEnv, rbd_pool: RbdPool,
+                                                          tmp_path: Path) -> None:
+    """Ctrl-C during a restore into a new RBD image: exit 130 and no half-written image left."""
+    import signal
+    import time
+
+    rbd = rbd_pool
+    src = tmp_path / "src.img"
+    src.write_bytes(random.Random(6).randbytes(32 * MiB))
+    repo_env.use_config("[limits]\nread_mb_s = 16\n")  # 32 MiB of blocks take ~2 s to read
+    uid = repo_env.backup(src, "vm")["uid"]
+    target = rbd.name("interrupted")
+    proc = repo_env.popen("restore", uid, rbd.spec(target))
+    deadline = time.monotonic() + 30
+    while target not in rbd.cli("ls", rbd.pool).stdout.split() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"removed the incomplete RBD image {rbd.pool}/{target}" in err
+    assert target not in rbd.cli("ls", rbd.pool).stdout.split()
+
+
 def test_restore_onto_an_existing_image(repo_env: RepoEnv, rbd_pool: RbdPool) -> None:
     rbd = rbd_pool
     rng = random.Random(3)

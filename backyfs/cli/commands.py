@@ -160,11 +160,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
     try:
         result = restore(repo, version, target, threads=load_config(args.config).threads,
                          progress=Progress(f"restore {version.uid}"))
-    except RestoreFailed as exc:
+    except RestoreFailed as exc:  # complete but for the bad blocks, which read as zeros
         if len(exc.result.errors) > 1:  # the last line names the first; list them all only if many
             for line in exc.result.errors:
                 print(f"backyfs: {line}", file=sys.stderr)
         raise DataProblem(str(exc)) from None
+    except (BackyfsError, OSError) as exc:  # stopped part-way: a full disk, a dead store
+        reason = str(exc) if isinstance(exc, BackyfsError) else f"{exc.strerror}: {exc.filename}"
+        raise BackyfsError(f"{reason}; {target.abandon()}") from None
+    except KeyboardInterrupt:
+        print(f"backyfs: {target.abandon()}", file=sys.stderr)
+        raise
     if args.json:
         _print_json({"uid": version.uid, **result.__dict__})
     else:

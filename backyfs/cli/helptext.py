@@ -25,7 +25,9 @@ examples:
 RESTORE = """\
 Restore VERSION to TARGET in parallel. Every block is checked against its digest. A missing or
 corrupt block is reported with its block index and byte offset, the rest is still restored, and
-the exit code is 3. A new or overwritten file is written sparse.
+the exit code is 3. A new or overwritten file is written sparse. A restore that stops part-way
+(Ctrl-C, a full disk, an unreachable store) removes the file or RBD image it created, so nothing
+that looks complete is left; a target it was told to overwrite is left and called incomplete.
 
 examples:
   backyfs restore vm1-root /tmp/vm1.img                 # the volume's latest valid version

@@ -30,6 +30,11 @@ class RestoreTarget(Protocol):
         """Flush and close; called once after every block was written."""
         ...
 
+    def abandon(self) -> str:
+        """Close after a failed or interrupted restore, removing what the restore created; returns
+        a note for the user (what was removed, or what is left incomplete)."""
+        ...
+
 
 @dataclass
 class RestoreResult:

@@ -94,6 +94,7 @@ class FileTarget:
         except OSError as exc:
             raise BackyfsError(f"cannot open restore target {path}: {exc.strerror}") from None
         self.is_device = is_device
+        self.created = not exists
 
     def pwrite(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
@@ -116,3 +117,15 @@ class FileTarget:
     def finish(self) -> None:
         os.fsync(self.fd)
         os.close(self.fd)
+
+    def abandon(self) -> str:
+        """After a failed or interrupted restore: remove the file if this restore created it (a
+        full-size file would look complete), else leave it. Says which, for the user."""
+        os.close(self.fd)
+        if not self.created:
+            return f"{self.path} is incomplete"
+        try:
+            os.unlink(self.path)
+        except OSError as exc:
+            return f"{self.path} is incomplete (cannot remove it: {exc.strerror})"
+        return f"removed the incomplete {self.path}"

@@ -203,7 +203,7 @@ class RbdTarget:
     def __init__(self, pool: str, name: str, size: int, *, force: bool) -> None:
         import rbd
 
-        self.rbd, self.spec = rbd, f"{pool}/{name}"
+        self.rbd, self.spec, self.name = rbd, f"{pool}/{name}", name
         self.conn = _Cluster(pool)
         try:
             rbd.RBD().create(self.conn.ioctx, name, size, old_format=False,
@@ -247,3 +247,18 @@ class RbdTarget:
         self.conn.close()
         if self.errors:
             raise BackyfsError(f"restore to {self.spec}: {self.errors[0]}")
+
+    def abandon(self) -> str:
+        """After a failed or interrupted restore: remove the image if this restore created it."""
+        for _ in range(self.MAX_IN_FLIGHT):  # no aio write may outlive the image
+            self.gate.acquire(timeout=60)
+        try:
+            self.image.close()
+            if not self.zeroed:  # an existing image (--force) is left as it is
+                return f"RBD image {self.spec} is incomplete"
+            self.rbd.RBD().remove(self.conn.ioctx, self.name)
+            return f"removed the incomplete RBD image {self.spec}"
+        except self.rbd.Error as exc:
+            return f"RBD image {self.spec} is incomplete (cannot remove it: {exc})"
+        finally:
+            self.conn.close()
