@@ -126,12 +126,15 @@ def test_corrupt_store_object(repo_env: RepoEnv, image: Path, with_version: str,
     ("[store]\ntype = 's3'\nbucket = 'b'\nsecret_key = 31415926\n",
      "secret_key must be a string, not an integer"),
     ("[store]\ntype = ['s3']\n", "store type must be fs, s3 or rados, not ['s3']"),
+    ("[store]\ntype = 's3'\nbucket = 'Bad_Bucket!'\nendpoint_url = 'http://127.0.0.1:1'\n",
+     "Invalid bucket name \"Bad_Bucket!\" (a bucket name is letters, digits, '.', '-' and '_')"),
     ("[jobs.a]\nsource = 5\n", "[jobs.a]: source must be a string, not 5"),
     ("[jobs.a]\nsource = '/x'\nkeep = { lastt = 3 }\n", "[jobs.a] keep: unknown setting(s) lastt"),
 ], ids=["bad-toml", "unknown-key", "block-size-3MiB", "block-size-small", "block-size-word",
         "threads-0", "threads-word", "store-type", "store-key", "limit-word", "threads-bool",
         "compression-99", "cache-typo", "cache-negative", "cache-not-table", "s3-no-bucket",
-        "s3-path-style-word", "s3-secret-not-echoed", "store-type-list", "job-source-int", "job-keep-typo"])
+        "s3-path-style-word", "s3-secret-not-echoed", "store-type-list", "s3-bad-bucket-name",
+        "job-source-int", "job-keep-typo"])
 def test_wrong_config(tmp_path: Path, image: Path, config: str, message: str) -> None:
     cfg = tmp_path / "backyfs.toml"
     cfg.write_text(f'data_dir = "{tmp_path / "data"}"\n{config}')

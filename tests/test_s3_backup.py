@@ -91,6 +91,25 @@ def test_s3_store_backup_restore_and_rebuild(repo_env: RepoEnv, tmp_path: Path,
     assert files_equal(out, img)
 
 
+def test_wrong_s3_credentials_name_what_to_check(repo_env: RepoEnv, tmp_path: Path,
+                                                s3_bucket: tuple[dict[str, str], str]) -> None:
+    """A wrong secret or access key: one line that says which to check and never shows the secret;
+    the version stays pending, and the right credentials then resume it."""
+    env, bucket = s3_bucket
+    good = s3_config(env, bucket)
+    img = write_image(tmp_path / "img", ["rand", "text"])
+    secret = ceph_env.s3_options(env)["secret_key"]
+    for old, new, hint in ((f'secret_key = "{secret}"', 'secret_key = "not-the-secret"', "check secret_key"),
+                           ('access_key = "', 'access_key = "X', "check access_key")):
+        repo_env.use_config(good.replace(old, new))
+        res = repo_env.run("backup", img, "vm")
+        assert res.rc == 1 and len(res.err_lines) == 1 and hint in res.err, res.err
+        assert "not-the-secret" not in res.err and secret not in res.err
+    repo_env.use_config(good)
+    stats = repo_env.backup(img, "vm")
+    assert [v["state"] for v in repo_env.versions()] == ["valid"] and stats["bytes_read"] > 0
+
+
 def test_rados_store_with_an_rbd_image(repo_env: RepoEnv, rbd_pool: RbdPool) -> None:  # noqa: F811
     env = ceph_env.cluster()
     rbd, pool, prefix = rbd_pool, env["BACKYFS_TEST_RADOS_POOL"], f"test-{uuid.uuid4().hex[:12]}"

@@ -21,6 +21,7 @@ from botocore.exceptions import (
     EndpointConnectionError,
     IncompleteReadError,
     NoCredentialsError,
+    ParamValidationError,
     ReadTimeoutError,
     ResponseStreamingError,
 )
@@ -31,6 +32,9 @@ from backyfs.storage.fs import check_key
 
 _MISSING_CODES = {"NoSuchKey", "NotFound", "404"}
 _NO_BUCKET_CODES = {"NoSuchBucket", "NotFound", "404"}
+# What a user should check when the store answers with these codes.
+_HINTS = {"InvalidAccessKeyId": "check access_key", "SignatureDoesNotMatch": "check secret_key",
+          "AccessDenied": "the credentials lack a permission on the bucket"}
 _ERRORS = (ClientError, BotoCoreError)
 _BODY_ATTEMPTS = 3  # botocore retries requests, not a body that breaks off while being read
 
@@ -124,13 +128,17 @@ class S3Store(ObjectStore):
         if isinstance(exc, ClientError):
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
             message = exc.response.get("Error", {}).get("Message") or ""
-            return " ".join(f"HTTP {status} {_code(exc)} {message}".split())
+            hint = f"({_HINTS[_code(exc)]})" if _code(exc) in _HINTS else ""
+            return " ".join(f"HTTP {status} {_code(exc)} {message} {hint}".split())
         if isinstance(exc, ConnectTimeoutError):
             return f"timed out connecting to {self.endpoint}"
         if isinstance(exc, ReadTimeoutError):
             return f"{self.endpoint} did not answer in time"
         if isinstance(exc, EndpointConnectionError):
             return f"cannot connect to {self.endpoint}"
+        if isinstance(exc, ParamValidationError):  # e.g. a bucket name botocore refuses
+            problem = str(exc).splitlines()[-1].split(": Bucket name must match the regex")[0]
+            return f"{problem} (a bucket name is letters, digits, '.', '-' and '_')"
         if isinstance(exc, NoCredentialsError):
             return "no S3 credentials (give an access key or configure boto3)"
         return " ".join(f"{type(exc).__name__} talking to {self.endpoint}: {exc}".split())
