@@ -211,8 +211,9 @@ def test_full_then_incremental_reads_only_changed_objects(repo_env: RepoEnv, rbd
     assert inc["bytes_unchanged"] == 2 * OBJ  # objects 0 and 20: data the parent has, not re-read
     v2 = show(repo_env, inc["uid"])
     assert v2["snapshot"] != v1["snapshot"]
-    # Only the newest backyfs snapshot is left (the parent's is gone); the user's stays.
-    assert rbd.backyfs_snapshots(image) == [v2["snapshot"]]
+    # The parent's snapshot stays until the next backup (see test_old_snapshots_go_with_the_next_backup);
+    # the user's stays for good.
+    assert rbd.backyfs_snapshots(image) == [v1["snapshot"], v2["snapshot"]]
     assert "user-snapshot" in rbd.snapshots(image)
     rbd.remember_allocation(v2["uid"], image, v2["snapshot"])
     snap2 = rbd.export(image, v2["snapshot"])
@@ -240,9 +241,56 @@ def test_unchanged_volume_reads_no_data(repo_env: RepoEnv, rbd_pool: RbdPool) ->
     assert second["bytes_stored"] == 0
     assert second["bytes_unchanged"] == 9 * MiB
     v2 = show(repo_env, second["uid"])
-    assert rbd.backyfs_snapshots(image) == [v2["snapshot"]]
+    assert rbd.backyfs_snapshots(image) == [show(repo_env, first["uid"])["snapshot"], v2["snapshot"]]
     rbd.remember_allocation(v2["uid"], image, v2["snapshot"])
     restore_and_compare(repo_env, rbd, v2["uid"], data)
+
+
+def test_old_snapshots_go_with_the_next_backup(repo_env: RepoEnv, rbd_pool: RbdPool) -> None:
+    """A snapshot is removed only when a newer version is valid, by the backup after that one: an
+    image keeps its last version's snapshot and the one before. A backup stopped part-way keeps the
+    parent's, so the next run still diffs from it; stale snapshots of failed runs go too."""
+    import signal
+    import time
+
+    rbd = rbd_pool
+    rng = random.Random(8)
+    image = rbd.create("keep", 32 * MiB)
+    rbd.write(image, 0, rng.randbytes(2 * OBJ))
+    snaps, uids = [], []
+    for round_no in range(3):
+        rbd.write(image, round_no * OBJ + 100, b"round %d" % round_no)
+        stats, _ = backup(repo_env, rbd.spec(image), "vm")
+        uids.append(stats["uid"])
+        snaps.append(show(repo_env, stats["uid"])["snapshot"])
+        assert rbd.backyfs_snapshots(image) == snaps[-2:]
+
+    with rbd.image(image) as img:
+        img.create_snap(SNAP_PREFIX + "stale-from-a-crashed-run")
+    rbd.write(image, 4 * OBJ, rng.randbytes(3 * OBJ))  # 12 MiB to read at 4 MB/s: ~3 s
+    repo_env.use_config("[limits]\nread_mb_s = 4\n")
+    before = set(rbd.backyfs_snapshots(image))
+    proc = repo_env.popen("backup", rbd.spec(image), "vm")
+    deadline = time.monotonic() + 30
+    while not set(rbd.backyfs_snapshots(image)) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    # The interrupted run removed what no valid version needs, and kept the parent's snapshot.
+    left = rbd.backyfs_snapshots(image)
+    assert snaps[-1] in left and snaps[-2] not in left, left
+    assert SNAP_PREFIX + "stale-from-a-crashed-run" not in left
+
+    repo_env.use_config("")
+    stats, _ = backup(repo_env, rbd.spec(image), "vm")
+    latest = show(repo_env, stats["uid"])
+    assert stats["parent"] == uids[-1]
+    assert stats["bytes_read"] == (3 + stats["blocks_sampled"]) * OBJ  # a diff, not a full read
+    assert rbd.backyfs_snapshots(image) == [snaps[-1], latest["snapshot"]]
+    rbd.remember_allocation(latest["uid"], image, latest["snapshot"])
+    restore_and_compare(repo_env, rbd, latest["uid"], rbd.export(image, latest["snapshot"]))
 
 
 def test_a_backup_that_cannot_start_leaves_no_snapshot(repo_env: RepoEnv, rbd_pool: RbdPool) -> None:
@@ -459,7 +507,8 @@ def test_a_wrong_diff_is_caught_by_the_sample(repo_env: RepoEnv, rbd_pool: RbdPo
     assert stats["parent"] == first["uid"]
     assert stats["bytes_read"] == (2 + stats["blocks_sampled"]) * OBJ
     snapshot = show(repo_env, stats["uid"])["snapshot"]
-    assert rbd.backyfs_snapshots(image) == [snapshot]
+    # The invalid version's snapshot is gone; the parent's stays until the next backup.
+    assert rbd.backyfs_snapshots(image) == [show(repo_env, first["uid"])["snapshot"], snapshot]
     out = rbd.tmp / "restored.img"
     repo_env.ok("restore", stats["uid"], out)
     assert_same(out, rbd.export(image, snapshot))

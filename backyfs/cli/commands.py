@@ -110,6 +110,9 @@ def _open_backup(args: argparse.Namespace):
             source.discard_snapshot()
             source.close()
             raise
+        # Snapshots no valid version may diff from any more go while this backup reads.
+        latest = repo.latest_valid(volume)
+        source.drop_old_snapshots({v.snapshot for v in (parent, latest) if v is not None and v.snapshot})
     return cfg, volume, repo, parent, source, hints
 
 
@@ -125,9 +128,7 @@ def run_backup(args: argparse.Namespace):
                           progress=Progress(f"backup {volume}", enabled=None if not args.json else False))
     try:
         version = writer.run()
-        if hasattr(source, "finish"):
-            source.finish(version, parent)  # RBD: drops the older snapshots, in a thread
-        repo.close()  # meanwhile: SQLite checkpoints its log on close
+        repo.close()
     finally:
         source.close()
     if writer.resumed:

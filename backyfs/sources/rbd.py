@@ -2,9 +2,14 @@
 
 A backup snapshots the image (name prefix "backyfs-"), reads it at that snapshot, and diffs from the
 parent version's snapshot with diff_iterate(whole_object=True), which is fast with object-map and
-fast-diff: an unchanged volume needs no data read at all. Older backyfs snapshots are removed only
-after the new version is valid. If the parent's snapshot is gone, the backup reads everything
-(deduplicated against the parent) and says so.
+fast-diff: an unchanged volume needs no data read at all. If the parent's snapshot is gone, the
+backup reads everything (deduplicated against the parent) and says so.
+
+A snapshot is removed only once a newer version is valid, and then by the next backup, in a thread
+while that one reads: removing a snapshot waits ~60 ms for the monitors (every map change waits out
+paxos_min_wait), a wait that would otherwise end every backup. So an image keeps two backyfs
+snapshots between backups, its last version's and the one before, which pins the data overwritten
+in one backup interval.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ class RbdSource:
         self.size = self.head.size()
         self.snapshot: str | None = None
         self.image = self.head  # replaced by the snapshot view in take_snapshot()
-        self._finishing: threading.Thread | None = None  # see finish()
+        self._dropping: threading.Thread | None = None  # see drop_old_snapshots()
         self.pre_cmd: str | None = None
         self.post_cmd: str | None = None
 
@@ -123,6 +128,8 @@ class RbdSource:
         """Remove the snapshot this run took, when the backup stops before any version used it."""
         if self.snapshot is None:
             return
+        if self._dropping is not None:
+            self._dropping.join()
         if self.image is not self.head:
             self.image.close()
             self.image = self.head
@@ -153,22 +160,24 @@ class RbdSource:
         except self.rbd.Error as exc:
             raise SourceError(f"cannot read {self.pool}/{self.name} at offset {offset}: {exc}") from None
 
-    def finish(self, version, parent) -> None:
-        """After the new version is valid: drop every older backyfs snapshot of the image. That runs
-        in a thread (it is mostly waiting for the monitors) while the caller finishes up; close()
-        waits for it."""
-        self._finishing = threading.Thread(target=self._drop_old_snapshots, name="drop-snapshots")
-        self._finishing.start()
+    def drop_old_snapshots(self, keep: set[str]) -> None:
+        """Start removing this image's backyfs snapshots other than this run's and those in keep (the
+        snapshots of valid versions a backup may still diff from), in a thread: it is mostly waiting
+        for the monitors, and overlaps the reading. close() waits for it."""
+        keep = keep | {self.snapshot}
+        self._dropping = threading.Thread(target=self._drop_snapshots, args=(keep,),
+                                          name="drop-snapshots")
+        self._dropping.start()
 
-    def _drop_old_snapshots(self) -> None:
+    def _drop_snapshots(self, keep: set[str]) -> None:
         try:
             snaps = list(self.head.list_snaps())
-        except self.rbd.Error as exc:  # the version is valid; the next backup tries again
+        except self.rbd.Error as exc:  # harmless: the next backup tries again
             log.warning("cannot list the snapshots of %s/%s to remove old ones: %s",
                         self.pool, self.name, exc)
             return
         for snap in snaps:
-            if snap["name"].startswith(SNAP_PREFIX) and snap["name"] != self.snapshot:
+            if snap["name"].startswith(SNAP_PREFIX) and snap["name"] not in keep:
                 try:
                     self.head.remove_snap(snap["name"])
                 except self.rbd.Error as exc:
@@ -188,8 +197,8 @@ class RbdSource:
     def close(self) -> None:
         if self.image is not self.head:
             self.image.close()
-        if self._finishing is not None:
-            self._finishing.join()
+        if self._dropping is not None:
+            self._dropping.join()
         self.head.close()
         self.conn.close()
 
