@@ -11,7 +11,9 @@ without reading them; zero blocks are never stored). Later backups are forward d
 the volume's latest valid version (or --parent): unchanged blocks are deduplicated by digest.
 With --hints (the JSON of 'rbd diff --format json') only the hinted extents are read, and a small
 random sample of the other blocks is re-read to catch a wrong diff. RBD sources (rbd:POOL/IMAGE)
-take a snapshot and diff against the parent's snapshot by themselves.
+take a snapshot (named backyfs-...) and diff against the parent's snapshot by themselves. An
+image keeps two of them between backups, its latest valid version's and the one before: each
+backup removes the snapshots no valid version needs while it reads.
 
 A version turns valid only when all its blocks are durable. An interrupted backup leaves it
 pending; running the same backup again resumes it.
