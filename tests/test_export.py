@@ -198,3 +198,38 @@ def test_readahead_fits_the_memory_cache(service):
     assert service.open("vol").readahead_blocks == 0
     service.cfg.cache_memory_mb = 1024
     assert service.open("vol").readahead_blocks == 16
+
+
+def test_reopen_while_the_last_user_closes_the_overlay(service, monkeypatch):
+    """A client reconnecting while the server closes its previous connection's overlay must wait for
+    that, not be refused as if another server held the overlay (its file lock is still taken until
+    the close ends)."""
+    dev = service.open("vol", writable=True, overlay_name="re")
+    closing, proceed = threading.Event(), threading.Event()
+    real_close = Overlay.close
+
+    def slow_close(self: Overlay) -> None:
+        closing.set()
+        proceed.wait(5)
+        real_close(self)
+
+    monkeypatch.setattr(Overlay, "close", slow_close)
+    closer = threading.Thread(target=dev.close)
+    closer.start()
+    assert closing.wait(5)
+    opened: list[object] = []
+    opener = threading.Thread(target=lambda: opened.append(_open_or_error(service)))
+    opener.start()
+    time.sleep(0.2)  # the open runs into the close in progress
+    proceed.set()
+    closer.join(5)
+    opener.join(5)
+    assert len(opened) == 1 and isinstance(opened[0], ExportDevice), opened
+    opened[0].close()
+
+
+def _open_or_error(service: ExportService) -> object:
+    try:
+        return service.open("vol", writable=True, overlay_name="re")
+    except StateError as exc:
+        return exc

@@ -82,7 +82,9 @@ class ExportService:
                 self.overlays[key] = (overlay, users - 1)
                 return
             del self.overlays[key]
-        overlay.close()
+            # Under the lock: until close() drops the file lock, an open of the same overlay (a
+            # client reconnecting) would make a second Overlay and be refused as "in use".
+            overlay.close()
 
     def close(self) -> None:
         with self.lock:
