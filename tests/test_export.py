@@ -17,7 +17,7 @@ from backyfs.config import Config
 from backyfs.errors import StateError
 from backyfs.export.cache import DiskCache, MemoryCache
 from backyfs.export.device import BlockError, BlockFetcher, ExportDevice
-from backyfs.export.overlay import Overlay, list_overlays
+from backyfs.export.overlay import CLEAN, DIRTY, TRIMMED, Overlay, list_overlays
 from backyfs.export.service import ExportService, commit_overlay
 from backyfs.repository.repo import block_digest, block_key
 from backyfs.repository.writer import BackupWriter
@@ -151,6 +151,7 @@ def test_fetcher_verifies_disk_cache_and_store(service, tmp_path):
     path = Path(disk._path(digest.hex()))
     path.write_bytes(b"garbage" + good[7:])  # a corrupt local cache entry is not served
     assert fetcher.get(digest) == good
+    assert path.read_bytes() == good  # ... and replaced, not fetched from the store every time
     obj_path = Path(service.cfg.data_dir) / "store" / block_key(digest)
     raw = bytearray(obj_path.read_bytes())
     raw[-1] ^= 0xFF
@@ -233,3 +234,113 @@ def _open_or_error(service: ExportService) -> object:
         return service.open("vol", writable=True, overlay_name="re")
     except StateError as exc:
         return exc
+
+
+def _fresh_overlay(tmp_path: Path, name: str = "o") -> Overlay:
+    return Overlay(str(tmp_path / "overlays"), "feedbeef0000", name, 4 * BS, BS)
+
+
+def test_overlay_state_after_a_kill_and_after_a_power_cut(tmp_path, monkeypatch):
+    """An unflushed write survives the server being killed (same boot: the page cache kept it) but
+    not a power cut (a new boot): then the state is the flushed one, which never names a block whose
+    data might not have reached the disk."""
+    import backyfs.export.overlay as overlay_mod
+
+    ov = _fresh_overlay(tmp_path)
+    ov.write_block(0, b"a" * BS)
+    ov.flush()
+    ov.write_block(1, b"b" * BS)  # not flushed
+    ov.trim_block(3)  # not flushed either
+    ov.close()  # as kill -9 leaves it: no flush
+    ov = _fresh_overlay(tmp_path)
+    assert [ov.block_state(i) for i in range(4)] == [DIRTY, DIRTY, CLEAN, TRIMMED]
+    assert ov.read_block(1) == b"b" * BS
+    ov.close()
+    assert [o.dirty_blocks for o in list_overlays(str(tmp_path / "overlays"))] == [2]
+
+    real_header = overlay_mod._boot_header()
+    monkeypatch.setattr(overlay_mod, "_boot_header", lambda: b"another-boot".ljust(36) + b"\n")
+    ov = _fresh_overlay(tmp_path)
+    assert [ov.block_state(i) for i in range(4)] == [DIRTY, CLEAN, CLEAN, CLEAN]  # as flushed
+    assert ov.read_block(0) == b"a" * BS
+    ov.write_block(2, b"c" * BS)
+    ov.flush()
+    ov.close()
+    monkeypatch.setattr(overlay_mod, "_boot_header", lambda: real_header)
+    ov = _fresh_overlay(tmp_path)  # a flush makes the state durable whatever comes next
+    assert [ov.block_state(i) for i in range(4)] == [DIRTY, CLEAN, DIRTY, CLEAN]
+    ov.close()
+
+
+def test_a_failed_overlay_open_leaves_it_unlocked(tmp_path, monkeypatch):
+    import errno
+
+    real = Overlay._write_meta
+
+    def full_disk(self: Overlay) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Overlay, "_write_meta", full_disk)
+    with pytest.raises(OSError):
+        _fresh_overlay(tmp_path)
+    monkeypatch.setattr(Overlay, "_write_meta", real)
+    _fresh_overlay(tmp_path).close()  # not "in use" by the failed attempt
+
+
+def test_discard_keeps_the_overlay_locked_until_it_is_gone(tmp_path, monkeypatch):
+    """A server opening the overlay while a discard removes it must not get the doomed files: it is
+    refused while the discard holds the lock, and gets a new, empty overlay after."""
+    import backyfs.export.overlay as overlay_mod
+
+    ov = _fresh_overlay(tmp_path)
+    ov.write_block(0, b"x" * BS)
+    ov.flush()
+    ov.close()
+    seen: list[object] = []
+    real_rename = os.rename
+
+    def rename_with_a_server_arriving(src: str, dst: str) -> None:
+        try:
+            seen.append(_fresh_overlay(tmp_path))
+        except StateError as exc:
+            seen.append(exc)
+        real_rename(src, dst)
+
+    monkeypatch.setattr(overlay_mod.os, "rename", rename_with_a_server_arriving)
+    overlay_mod.discard_overlay(str(tmp_path / "overlays"), "feedbeef0000", "o")
+    monkeypatch.setattr(overlay_mod.os, "rename", real_rename)
+    assert len(seen) == 1 and isinstance(seen[0], StateError), seen
+    ov = _fresh_overlay(tmp_path)
+    assert ov.changed_blocks() == []
+    ov.close()
+
+
+def test_a_failed_flush_on_close_still_releases_the_overlay(service, monkeypatch):
+    dev = service.open("vol", writable=True, overlay_name="ff")
+    dev.pwrite(b"x", 0)
+
+    def broken_flush(self: Overlay) -> None:
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Overlay, "flush", broken_flush)
+        with pytest.raises(OSError):
+            dev.close()
+    assert service.overlays == {}
+    service.open("vol", writable=True, overlay_name="ff").close()  # not "in use" by the lost device
+
+
+def test_cached_reads_leave_store_hints_to_the_pool(service, monkeypatch):
+    """pread_cached runs on FUSE's event loop: the readahead it starts must not open object files
+    there (the store hint does), only queue work."""
+    dev = service.open("vol")
+    for block_idx in range(dev.blockmap.block_count):
+        dev.pread(block_idx * BS, 1)  # everything in memory
+    hinted_from: list[str] = []
+    monkeypatch.setattr(service.fetcher, "hint", lambda digests: hinted_from.append(
+        threading.current_thread().name))
+    dev.last_block, dev.ahead = -2, 0
+    for block_idx in range(3):
+        assert dev.pread_cached(block_idx * BS, 10) is not None
+    service.fetcher.pool.submit(lambda: None).result()  # the pool has run what was queued
+    assert hinted_from and all(name.startswith("readahead") for name in hinted_from), hinted_from

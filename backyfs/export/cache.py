@@ -121,6 +121,13 @@ class DiskCache:
             self.total += len(data)
             self._evict()
 
+    def discard(self, digest: bytes) -> None:
+        """Forget a damaged entry (e.g. a file a power cut left empty) so the next put replaces it."""
+        hexd = digest.hex()
+        with self.lock:
+            self._drop(hexd)
+        _unlink(self._path(hexd))
+
     def _drop(self, hexd: str) -> None:
         entry = self.index.pop(hexd, None)
         if entry:

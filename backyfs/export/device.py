@@ -68,9 +68,11 @@ class BlockFetcher:
     def _load(self, digest: bytes) -> bytes | memoryview:
         if self.disk is not None:
             data = self.disk.get(digest)
-            if data is not None and block_digest(data) == digest:
-                self.memory.put(digest, data)
-                return data
+            if data is not None:
+                if block_digest(data) == digest:
+                    self.memory.put(digest, data)
+                    return data
+                self.disk.discard(digest)  # else it would stay, and cost a store read every time
         data = self.repo.read_block(digest)  # verified against the digest
         self.memory.put(digest, data)
         if self.disk is not None:
@@ -97,7 +99,8 @@ class BlockFetcher:
             log.debug("readahead of %s failed: %s", digest.hex()[:16], exc)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        # Queued readahead is dropped; running loads finish first, as the repository closes next.
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # 64 MiB of 4 MiB blocks: a cold nbdcopy of scripts/bench's 4 GiB version took 10% less time than
@@ -204,7 +207,7 @@ class ExportDevice:
             data = self._memory_block(block_idx)
             if data is None:
                 return None
-            self._maybe_readahead(block_idx)
+            self._maybe_readahead(block_idx, hint_inline=False)
             parts.append(data if (start, end) == (0, len(data)) else memoryview(data)[start:end])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -222,10 +225,11 @@ class ExportDevice:
         data = self.fetcher.memory.get(digest)
         return data if data is not None and len(data) == length else None
 
-    def _maybe_readahead(self, block_idx: int) -> None:
+    def _maybe_readahead(self, block_idx: int, hint_inline: bool = True) -> None:
         """Queue the next readahead_blocks blocks when this read is near the previous one. "Near",
         not "next": concurrent requests of one sequential reader (FUSE splits a read into 1 MiB
-        requests, nbdcopy keeps many in flight) arrive slightly out of order."""
+        requests, nbdcopy keeps many in flight) arrive slightly out of order. The store hint opens
+        object files: without hint_inline (an event loop's thread) it goes to the readahead pool."""
         last = self.last_block
         if block_idx == last or not self.readahead_blocks:
             return
@@ -241,8 +245,15 @@ class ExportDevice:
             self.fetcher.prefetch(self._clean_digests(start, end))
             # One window further, only a hint: the disk reads those while the pool verifies these.
             count = self.blockmap.block_count
-            self.fetcher.hint(self._clean_digests(min(start + self.readahead_blocks, count),
-                                                  min(end + self.readahead_blocks, count)))
+            hinted = self._clean_digests(min(start + self.readahead_blocks, count),
+                                         min(end + self.readahead_blocks, count))
+            if hint_inline:
+                self.fetcher.hint(hinted)
+            else:
+                try:
+                    self.fetcher.pool.submit(self.fetcher.hint, hinted)
+                except RuntimeError:  # the service is closing: no more readahead
+                    pass
 
     def _clean_digests(self, start: int, end: int) -> list[bytes]:
         return [d for d in map(self._clean_digest, range(start, end)) if d is not None]
@@ -332,11 +343,13 @@ class ExportDevice:
     def close(self) -> None:
         overlay, self.overlay = self.overlay, None
         if overlay is not None:
-            overlay.flush()
-            if self.release is not None:
-                self.release(overlay)
-            else:
-                overlay.close()
+            try:
+                overlay.flush()
+            finally:  # a failed flush (EIO, ENOSPC) is reported, but must not keep the overlay held
+                if self.release is not None:
+                    self.release(overlay)
+                else:
+                    overlay.close()
 
 
 ProgressFn = Callable[[int, int], None]

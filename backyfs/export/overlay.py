@@ -3,9 +3,14 @@
 An overlay lives in OVERLAY_DIR/<version uid>/<name>/ as
 - data:  a sparse file the size of the volume; only dirty blocks are written,
 - state: one byte per block: 0 clean (read the backup), 1 dirty (read data), 2 trimmed (zeros),
+  as of the last flush(): written only after the data file is synced, so after a power cut it
+  never claims data that was lost (a dirty mark on disk ahead of its block's data would turn the
+  whole block, backup content included, into zeros),
+- state.live: the current state, written at every change and never synced, headed by the kernel's
+  boot id: a server killed (kill -9) loses nothing, as the page cache keeps both files; after a
+  reboot its boot id no longer matches and the flushed state counts (unflushed writes are lost),
 - meta.json: the version uid, name, size and block size, for `backyfs overlay ls`.
-Both survive a restart of the server; flush() makes them durable. An exclusive lock on the
-directory keeps two servers from writing one overlay.
+An exclusive lock on the directory keeps two servers from writing one overlay.
 """
 
 from __future__ import annotations
@@ -48,22 +53,26 @@ class Overlay:
         self.version_uid, self.name = version_uid, name
         self.size, self.block_size = size, block_size
         self.block_count = -(-size // block_size)
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
-        self._lock_fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        busy = f"overlay {name} of {version_uid} is in use by another server"
+        self._lock_fd = _lock_overlay_dir(self.path, busy)
+        fds: list[int] = []
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise StateError(f"overlay {name} of {version_uid} is in use by another server") from None
-        self._write_meta()
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        self.data_fd = os.open(os.path.join(self.path, "data"), flags, 0o600)
-        self.state_fd = os.open(os.path.join(self.path, "state"), flags, 0o600)
-        os.ftruncate(self.data_fd, size)
-        raw = os.pread(self.state_fd, self.block_count, 0)
-        self.state = bytearray(raw.ljust(self.block_count, b"\0"))
-        os.ftruncate(self.state_fd, self.block_count)
+            self._write_meta()
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            for file in ("data", "state", "state.live"):
+                fds.append(os.open(os.path.join(self.path, file), flags, 0o600))
+            self.data_fd, self.state_fd, self.live_fd = fds
+            os.ftruncate(self.data_fd, size)
+            self.state = _load_state(self.state_fd, self.live_fd, self.block_count)
+            os.ftruncate(self.state_fd, self.block_count)
+            self._flushed = bytes(os.pread(self.state_fd, self.block_count, 0))
+            os.pwrite(self.live_fd, _boot_header() + self.state, 0)
+        except BaseException:
+            for fd in (*fds, self._lock_fd):  # a failed open must not keep the overlay locked
+                os.close(fd)
+            raise
         self.lock = threading.Lock()
+        self.flush_lock = threading.Lock()  # flushes one at a time: each covers every earlier write
         # Striped locks for read-modify-write of partial blocks by every device using this overlay.
         self.block_locks = [threading.Lock() for _ in range(64)]
 
@@ -114,20 +123,66 @@ class Overlay:
         with self.lock:
             if self.state[block_idx] != value:
                 self.state[block_idx] = value
-                os.pwrite(self.state_fd, bytes([value]), block_idx)
+                os.pwrite(self.live_fd, bytes([value]), _BOOT_HEADER_SIZE + block_idx)
 
     def changed_blocks(self) -> list[int]:
         with self.lock:
             return [i for i, s in enumerate(self.state) if s != CLEAN]
 
     def flush(self) -> None:
-        # Data before state: a state byte never claims data that a crash could lose.
-        os.fsync(self.data_fd)
-        os.fsync(self.state_fd)
+        """Make every write so far durable: the data first, then the state that refers to it."""
+        with self.flush_lock:
+            with self.lock:  # every block marked here was written before: the data sync covers it
+                state = bytes(self.state)
+            os.fsync(self.data_fd)
+            if state != self._flushed:  # qemu flushes often, mostly with no state change
+                os.pwrite(self.state_fd, state, 0)
+                os.fsync(self.state_fd)
+                self._flushed = state
 
     def close(self) -> None:
-        for fd in (self.data_fd, self.state_fd, self._lock_fd):
+        for fd in (self.data_fd, self.state_fd, self.live_fd, self._lock_fd):
             os.close(fd)
+
+
+_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+_BOOT_HEADER_SIZE = 37  # the boot id (36 characters) and a newline
+
+
+def _boot_header() -> bytes:
+    with open(_BOOT_ID_PATH, "rb") as f:
+        return f.read(36).ljust(36, b"?") + b"\n"
+
+
+def _load_state(state_fd: int, live_fd: int, block_count: int) -> bytearray:
+    """The live state if this boot wrote it (the server stopped or was killed), else the flushed one
+    (a reboot: the live state may name blocks whose data never reached the disk)."""
+    live = os.pread(live_fd, _BOOT_HEADER_SIZE + block_count, 0)
+    if live[:_BOOT_HEADER_SIZE] == _boot_header():
+        raw = live[_BOOT_HEADER_SIZE:]
+    else:
+        raw = os.pread(state_fd, block_count, 0)
+    return bytearray(raw.ljust(block_count, b"\0")[:block_count])
+
+
+def _lock_overlay_dir(path: str, busy: str) -> int:
+    """Lock the overlay directory at path (made if missing); returns the lock's fd. A discard may
+    rename the directory away between our open and our lock: then lock the new one instead."""
+    for _ in range(3):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        lock_path = os.path.join(path, "lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            raise StateError(busy) from None
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise StateError(busy)
 
 
 def fallocate_punch(fd: int, offset: int, length: int) -> None:
@@ -148,28 +203,40 @@ def list_overlays(root: str) -> list[OverlayInfo]:
         for name in sorted(os.listdir(os.path.join(root, uid))):
             path = os.path.join(root, uid, name)
             try:
-                state = open(os.path.join(path, "state"), "rb").read()
-                modified = os.stat(os.path.join(path, "state")).st_mtime
+                state = _read_state_files(path)
+                modified = max(os.stat(os.path.join(path, f)).st_mtime
+                               for f in ("state", "state.live") if os.path.exists(os.path.join(path, f)))
             except OSError:
                 continue
             out.append(OverlayInfo(uid, name, path, state.count(DIRTY), state.count(TRIMMED), modified))
     return out
 
 
+def _read_state_files(path: str) -> bytes:
+    """The state a server opening the overlay would see (an overlay of an older backyfs has no
+    state.live: its state file is current)."""
+    with open(os.path.join(path, "state"), "rb") as state:
+        count = os.fstat(state.fileno()).st_size
+        try:
+            with open(os.path.join(path, "state.live"), "rb") as live:
+                return bytes(_load_state(state.fileno(), live.fileno(), count))
+        except FileNotFoundError:
+            return state.read()
+
+
 def discard_overlay(root: str, version_uid: str, name: str) -> None:
     path = os.path.join(root, version_uid, check_overlay_name(name))
     if not os.path.isdir(path):
         raise NotFound(f"no overlay {name!r} for version {version_uid}")
-    fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise StateError(f"overlay {name} of {version_uid} is in use by a running server") from None
+    fd = _lock_overlay_dir(path, f"overlay {name} of {version_uid} is in use by a running server")
+    try:  # locked until it is gone: a server opening it meanwhile gets a new, empty one
+        trash = f"{path}.discarded.{time.time_ns()}"
+        os.rename(path, trash)  # atomic: a crash mid-delete leaves no half overlay
+        shutil.rmtree(trash)
     finally:
         os.close(fd)
-    trash = f"{path}.discarded.{time.time_ns()}"
-    os.rename(path, trash)  # atomic: a crash mid-delete leaves no half overlay
-    shutil.rmtree(trash)
     parent = os.path.dirname(path)
-    if not os.listdir(parent):
-        os.rmdir(parent)
+    try:
+        os.rmdir(parent)  # the version's last overlay
+    except OSError:
+        pass
