@@ -165,12 +165,19 @@ class BackyfsOperations(pyfuse3.Operations):
             if self.parts_seen.get(uid) == held.writes and uid in self.tree.partitions:
                 return
             seen, dev = held.writes, held.device
-            parts = await self.run(find_partitions, dev.pread, dev.size)
+            held.handles += 1  # a refresh that drops the version meanwhile must not close dev under us
+            try:
+                parts = await self.run(find_partitions, dev.pread, dev.size)
+            finally:
+                held.handles -= 1
+                if uid not in self.tree.versions:  # it did: close it now, as release() would
+                    await self.devices.close_unused({uid})
         except BackyfsError as exc:  # still show disk.img; the error shows when it is opened
             log.warning("cannot read the partition table of %s: %s", uid, exc)
             return
-        self.parts_seen[uid] = seen
-        self.tree.set_partitions(uid, parts)
+        if uid in self.tree.versions:
+            self.parts_seen[uid] = seen
+            self.tree.set_partitions(uid, parts)
 
     async def current(self, node: Node) -> None:
         if node.kind in (ROOT, VOLUME):
