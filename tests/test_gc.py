@@ -114,3 +114,78 @@ def test_a_second_backup_of_the_same_volume_is_refused_while_one_runs(tmp_path):
             BackupWriter(repo, FileSource(path), "vol").run()
         BackupWriter(repo, FileSource(path), "other").run()  # other volumes are not blocked
     assert BackupWriter(repo, FileSource(path), "vol").run().state == "valid"
+
+
+def test_gc_deletes_nothing_while_a_backup_runs(tmp_path, monkeypatch):
+    """A backup that writes a condemned block again (for it, condemned means not stored) must find
+    it there when it finishes: gc's delete phase waits until no backup runs, whatever the
+    timestamps say. Here the backup starts after the condemnation, which the timestamps alone
+    would have let gc delete under it."""
+    import threading
+
+    repo = _repo(tmp_path)
+    a, b = os.urandom(4 * MiB), os.urandom(4 * MiB)
+    v1 = _backup(repo, _image(tmp_path / "img1", [a, b]))
+    repo.delete_version(v1)
+    assert collect_garbage(repo).condemned == 2  # a and b condemned
+
+    stored, finish = threading.Event(), threading.Event()
+    real_write = type(repo).write_block
+
+    def write_then_wait(self, digest, data):  # the backup has stored b again, then gc runs
+        size = real_write(self, digest, data)
+        stored.set()
+        assert finish.wait(30)
+        return size
+
+    monkeypatch.setattr(type(repo), "write_block", write_then_wait)
+    backup_repo = _repo(tmp_path)  # a second process's view of the same repository
+    done: list[object] = []
+    img2 = _image(tmp_path / "img2", [b])
+    thread = threading.Thread(target=lambda: done.append(_backup(backup_repo, img2)))
+    thread.start()
+    assert stored.wait(30)
+    during = collect_garbage(repo)
+    assert during.deferred and during.deleted == 0
+    assert repo.store.exists(block_key(block_digest(b)))
+    finish.set()
+    thread.join(30)
+    v2 = done[0]
+    after = collect_garbage(repo)
+    assert not after.deferred and after.deleted == 1  # a only: b is referenced again
+    assert repo.store.exists(block_key(block_digest(b)))
+    out = tmp_path / "out"
+    restore(repo, v2, FileTarget(str(out), v2.size))
+    assert out.read_bytes() == b
+
+
+def test_rm_with_a_dead_store_keeps_the_version(tmp_path, monkeypatch):
+    """The store's copy of a version's metadata goes first: if it cannot, the version stays listed
+    (and rm can be retried), instead of a database without it and a store that rebuild-db would
+    bring it back from after gc deleted its blocks."""
+    from backyfs.errors import StoreUnavailable
+
+    repo = _repo(tmp_path)
+    v1 = _backup(repo, _image(tmp_path / "img", [os.urandom(MiB)]))
+
+    def dead(key):
+        raise StoreUnavailable("cannot reach the store")
+
+    monkeypatch.setattr(repo.store, "delete", dead)
+    with pytest.raises(StoreUnavailable):
+        repo.delete_version(v1)
+    assert [v.uid for v in repo.db.versions()] == [v1.uid]
+
+
+def test_an_overlay_commit_does_not_resume_an_interrupted_rbd_backup(tmp_path):
+    """A pending version from an RBD backup (it has a snapshot) is resumed by the next RBD backup
+    only; a run without a snapshot (file backup, overlay commit) starts its own version."""
+    repo = _repo(tmp_path)
+    path = _image(tmp_path / "img", [os.urandom(MiB)])
+    v1 = _backup(repo, path)
+    pending = Version(uid="0123456789ab", volume="vol", created=time.time(), size=v1.size,
+                      block_size=v1.block_size, parent=v1.uid, snapshot="backyfs-interrupted")
+    repo.db.add_version(pending)
+    v2 = _backup(repo, path)
+    assert v2.uid != pending.uid and v2.snapshot is None
+    assert repo.db.get_version(pending.uid).state == "pending"

@@ -401,6 +401,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     print(f"gc: {verb} {result.deleted} objects ({result.deleted_bytes / 2**20:,.1f} MiB), "
           f"condemned {result.condemned} newly unreferenced, revived {result.revived}, "
           f"{result.waiting} waiting for running backups")
+    if result.deferred:
+        print("gc: a backup is running: nothing is deleted until gc runs with none", file=sys.stderr)
     return 0
 
 

@@ -4,9 +4,14 @@ A running backup decides "already stored" from the set of digests it loaded when
 block must not vanish between that moment and the backup's end. gc therefore works in two phases:
 1. condemn: blocks no block map references are marked 'condemned'. Backups that start later no
    longer count them as stored (they write them again, which revives them).
-2. delete, on a later run: a condemned block still unreferenced is deleted only if no live backup
-   (a pending version with a recent heartbeat) started before it was condemned. A backup that did
-   reference it has finished by then, its block map names it, and gc revives it instead.
+2. delete, on a later run: a condemned block still unreferenced is deleted only while no backup
+   runs on this repository (backups hold its activity lock shared, the delete phase takes it
+   exclusive or deletes nothing), and only if no live backup (a pending version with a recent
+   heartbeat) started before it was condemned. A backup that did reference it has finished by
+   then, its block map names it, and gc revives it instead; one that wrote it again as new data
+   (it was condemned, so not "stored" for that backup) has recorded it by then.
+What may be deleted is read before the block maps are: a backup finishing during the scan of the
+maps is then seen as live, not missed on both sides.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class GcResult:
     deleted_bytes: int = 0
     revived: int = 0
     waiting: int = 0  # condemned, but an older backup is still running
+    deferred: bool = False  # a backup was running: nothing was deleted this time
 
 
 def referenced_digests(repo: Repository) -> set[bytes]:
@@ -40,16 +46,22 @@ def referenced_digests(repo: Repository) -> set[bytes]:
 
 
 def collect_garbage(repo: Repository, dry_run: bool = False) -> GcResult:
+    with repo.activity_lock(exclusive=True) as alone:
+        return _collect(repo, dry_run, alone)
+
+
+def _collect(repo: Repository, dry_run: bool, alone: bool) -> GcResult:
     now = time.time()
-    result = GcResult()
-    referenced = referenced_digests(repo)
+    result = GcResult(deferred=not alone)
     live = [v for v in repo.db.versions(state="pending") if v.heartbeat and v.heartbeat > now - STALE_AFTER]
     oldest_live = min((v.created for v in live), default=float("inf"))
     condemned = repo.db.blocks_in_state("condemned")
+    known = repo.db.all_digests()
+    referenced = referenced_digests(repo)  # after the reads above: see the module's docstring
     revive = [d for d, _ in condemned if d in referenced]
-    doomed = [d for d, t in condemned if d not in referenced and (t or now) < oldest_live]
+    doomed = [d for d, t in condemned if d not in referenced and (t or now) < oldest_live] if alone else []
     result.revived, result.waiting = len(revive), len(condemned) - len(revive) - len(doomed)
-    fresh = repo.db.all_digests() - referenced - {d for d, _ in condemned}
+    fresh = known - referenced - {d for d, _ in condemned}
     result.condemned = len(fresh)
     if dry_run:
         result.deleted = len(doomed)
@@ -61,5 +73,6 @@ def collect_garbage(repo: Repository, dry_run: bool = False) -> GcResult:
         result.deleted += 1
         result.deleted_bytes += sizes.get(digest, (0, ""))[0]
     repo.db.delete_blocks(doomed)
-    repo.db.condemn_blocks(fresh, now)
+    # Stamped now, not at the start: a backup that started before this commit may count them stored.
+    repo.db.condemn_blocks(fresh, time.time())
     return result

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import re
 import secrets
+from collections.abc import Iterator
 
 from backyfs.errors import BackyfsError, CorruptObject, NotFound, ObjectMissing
 from backyfs.metadata.blockmap import BlockMap
@@ -151,9 +155,31 @@ class Repository:
         self.save_version(version)
 
     def delete_version(self, version: Version, force: bool = False) -> None:
-        self.db.delete_version(version.uid, force=force)
+        self.db.check_deletable(version.uid, force=force)
+        # The store's copy first: a crash or a dead store in between must not leave metadata
+        # that rebuild-db would bring back as a valid version whose blocks gc has since deleted.
         for name in ("meta.json", "blockmap"):
             self.store.delete(f"versions/{version.uid}/{name}")
+        self.db.delete_version(version.uid, force=force)
+
+    @contextlib.contextmanager
+    def activity_lock(self, exclusive: bool) -> Iterator[bool]:
+        """Backups and overlay commits hold this shared while they run (waiting for a gc that is
+        deleting); gc's delete phase holds it exclusive, without waiting: while a backup runs,
+        that backup may be storing or counting on any block. Yields whether it was taken."""
+        lock_dir = os.path.join(os.path.dirname(os.path.abspath(self.db.path)), "locks")
+        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+        # A leading dot: no volume's lock (locks/VOLUME.lock) can have this name.
+        fd = os.open(os.path.join(lock_dir, ".activity.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+                taken = True
+            except BlockingIOError:
+                taken = False
+            yield taken
+        finally:
+            os.close(fd)
 
     # --- rebuild --------------------------------------------------------------------------
     def rebuild_db(self) -> dict:

@@ -90,7 +90,9 @@ class BackupWriter:
 
     # --- the run --------------------------------------------------------------------------
     def run(self) -> Version:
-        with self._volume_lock():
+        # The activity lock (shared) keeps gc from deleting any block while this backup may store
+        # or count on it; a gc that is deleting makes us wait until it is done.
+        with self._volume_lock(), self.repo.activity_lock(exclusive=False):
             return self._run()
 
     def _volume_lock(self):
@@ -134,8 +136,10 @@ class BackupWriter:
         """Resume a pending version of the same volume, parent and size, or start a new one."""
         parent_uid = self.parent.uid if self.parent else None
         for pending in reversed(self.repo.db.versions(volume=self.volume, state="pending")):
-            if (pending.parent, pending.size, pending.block_size) == (
-                    parent_uid, self.source.size, self.block_size):
+            # Only the same kind of run: an overlay commit (no snapshot) resuming an interrupted RBD
+            # backup would become a valid version carrying a snapshot of other content.
+            if (pending.parent, pending.size, pending.block_size, pending.snapshot is None) == (
+                    parent_uid, self.source.size, self.block_size, self.snapshot is None):
                 self.resumed = pending.uid
                 self.repo.db.set_labels(pending.uid, self.labels)
                 if self.snapshot:  # a resumed RBD backup reads its new snapshot
