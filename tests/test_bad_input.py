@@ -366,3 +366,18 @@ def test_the_parser_loads_only_what_a_command_needs() -> None:
     assert "serve" not in commands(["--config", "serve", "-v", "backup", "rbd:p/i", "vm"])
     for argv in (["serve", "vm"], ["-h", "backup"], ["--help"], ["--verbose"], ["nonsense"]):
         assert commands(argv) == every, argv
+
+
+def test_a_metadata_database_error_is_one_line(repo_env: RepoEnv, image: Path, monkeypatch) -> None:
+    """SQLite failing (a full disk, a lock held past the timeout) is an error line, not a traceback."""
+    import sqlite3
+
+    from backyfs.metadata.db import MetadataDB
+
+    def full(self, version) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(MetadataDB, "add_version", full)
+    res = repo_env.call("backup", image, "vm")
+    expected = ["backyfs: error: metadata database: database or disk is full"]
+    assert res.rc == 1 and res.err_lines == expected, res.err

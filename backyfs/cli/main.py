@@ -102,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"backyfs: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as exc:
+        # SQLite's own errors (disk full, locked past the timeout) by module, not by class: the
+        # commands that never touch the database need not import sqlite3 to start.
+        if type(exc).__module__ != "sqlite3":
+            raise
+        print(f"backyfs: error: metadata database: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _stdout_reader_gone() -> bool:

@@ -160,10 +160,12 @@ class MetadataDB:
             conn.executemany("DELETE FROM labels WHERE version_uid = ? AND key = ?",
                              [(uid, key) for key in remove])
 
-    def delete_version(self, uid: str, force: bool = False) -> None:
-        version = self.get_version(uid)
-        if version.protected and not force:
+    def check_deletable(self, uid: str, force: bool = False) -> None:
+        if self.get_version(uid).protected and not force:
             raise StateError(f"version {uid} is protected; unprotect it first")
+
+    def delete_version(self, uid: str, force: bool = False) -> None:
+        self.check_deletable(uid, force)
         with self._tx() as conn:
             conn.execute("UPDATE versions SET parent = NULL WHERE parent = ?", (uid,))
             conn.execute("DELETE FROM versions WHERE uid = ?", (uid,))
