@@ -512,3 +512,36 @@ def test_a_wrong_diff_is_caught_by_the_sample(repo_env: RepoEnv, rbd_pool: RbdPo
     out = rbd.tmp / "restored.img"
     repo_env.ok("restore", stats["uid"], out)
     assert_same(out, rbd.export(image, snapshot))
+
+
+def test_a_failed_rbd_restore_write_is_reported_and_cleaned_up_at_once(rbd_pool: RbdPool,
+                                                                        monkeypatch) -> None:
+    """An aio write that fails (an OSD error) makes finish() raise, and abandon() then removes the
+    image this restore created, at once: it once waited 60 s for each of the 16 write slots that
+    finish() had already taken, then used closed handles."""
+    import time
+
+    from backyfs.errors import BackyfsError
+    from backyfs.sources.rbd import RbdTarget
+
+    rbd = rbd_pool
+    name = rbd.name("failedwrite")
+    monkeypatch.setenv("CEPH_CONF", rbd.conf)
+    target = RbdTarget(rbd.pool, name, 8 * MiB, force=False)
+    real_image = target.image
+
+    class FailingWrites:
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(real_image, attr)
+
+        def aio_write(self, data: bytes, offset: int, callback: Any) -> None:
+            callback(type("Completion", (), {"get_return_value": lambda self: -5})())
+
+    target.image = FailingWrites()  # type: ignore[assignment]
+    target.pwrite(0, b"x" * 4096)
+    with pytest.raises(BackyfsError, match="write at offset 0 failed"):
+        target.finish()
+    started = time.monotonic()
+    assert target.abandon() == f"removed the incomplete RBD image {rbd.pool}/{name}"
+    assert time.monotonic() - started < 10
+    assert name not in rbd.cli("ls", rbd.pool).stdout.split()

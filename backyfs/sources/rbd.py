@@ -229,6 +229,7 @@ class RbdTarget:
             self.image.resize(size)
         self.gate = threading.Semaphore(self.MAX_IN_FLIGHT)
         self.errors: list[str] = []
+        self.closed = False
 
     @classmethod
     def from_spec(cls, spec: str, size: int, *, force: bool) -> RbdTarget:
@@ -248,19 +249,27 @@ class RbdTarget:
     def write_zeroes(self, offset: int, length: int) -> None:
         self.image.write_zeroes(offset, length)
 
+    def _drain(self, timeout: float | None = None) -> None:
+        """Wait until no aio write is in flight (taking every permit, then giving them back)."""
+        taken = sum(self.gate.acquire(timeout=timeout) for _ in range(self.MAX_IN_FLIGHT))
+        for _ in range(taken):
+            self.gate.release()
+
     def finish(self) -> None:
-        for _ in range(self.MAX_IN_FLIGHT):  # wait for every aio write in flight
-            self.gate.acquire()
+        self._drain()
+        if self.errors:  # left open for abandon(), which removes an image this restore created
+            raise BackyfsError(f"restore to {self.spec}: {self.errors[0]}")
         self.image.flush()
         self.image.close()
         self.conn.close()
-        if self.errors:
-            raise BackyfsError(f"restore to {self.spec}: {self.errors[0]}")
+        self.closed = True
 
     def abandon(self) -> str:
         """After a failed or interrupted restore: remove the image if this restore created it."""
-        for _ in range(self.MAX_IN_FLIGHT):  # no aio write may outlive the image
-            self.gate.acquire(timeout=60)
+        if self.closed:
+            return f"RBD image {self.spec} is complete"
+        self._drain(timeout=60)  # no aio write may outlive the image
+        self.closed = True
         try:
             self.image.close()
             if not self.zeroed:  # an existing image (--force) is left as it is
