@@ -189,3 +189,21 @@ def test_an_overlay_commit_does_not_resume_an_interrupted_rbd_backup(tmp_path):
     v2 = _backup(repo, path)
     assert v2.uid != pending.uid and v2.snapshot is None
     assert repo.db.get_version(pending.uid).state == "pending"
+
+
+def test_gc_deletes_nothing_in_a_store_shared_with_another_database(tmp_path):
+    """Two hosts (two databases) sharing one store share blocks too: host A's gc must not delete a
+    block only host B's versions still use. A knows B exists from B's version metadata in the store."""
+    store = {"type": "fs", "path": str(tmp_path / "shared-store")}
+    host_a = open_repository(Config(data_dir=str(tmp_path / "a"), store=store))
+    host_b = open_repository(Config(data_dir=str(tmp_path / "b"), store=store))
+    shared = os.urandom(MiB)
+    va = _backup(host_a, _image(tmp_path / "img-a", [shared]))
+    vb = _backup(host_b, _image(tmp_path / "img-b", [shared]))
+    host_a.delete_version(va)
+    for _ in range(2):
+        result = collect_garbage(host_a)
+        assert result.foreign == [vb.uid] and result.deleted == 0
+    out = tmp_path / "out"
+    restore(host_b, vb, FileTarget(str(out), vb.size))
+    assert out.read_bytes() == shared

@@ -401,7 +401,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
     print(f"gc: {verb} {result.deleted} objects ({result.deleted_bytes / 2**20:,.1f} MiB), "
           f"condemned {result.condemned} newly unreferenced, revived {result.revived}, "
           f"{result.waiting} waiting for running backups")
-    if result.deferred:
+    if result.foreign:
+        print(f"gc: the store holds {len(result.foreign)} version(s) this database does not know "
+              f"(another host's, or left out by rebuild-db: {', '.join(result.foreign[:3])}): "
+              "nothing is deleted; run gc where one database knows every version", file=sys.stderr)
+    elif result.deferred:
         print("gc: a backup is running: nothing is deleted until gc runs with none", file=sys.stderr)
     return 0
 

@@ -53,6 +53,9 @@ Delete stored blocks that no version references, in two phases so it is safe whi
 a run condemns unreferenced blocks (new backups then write them again instead of relying on
 them), and a later run deletes condemned blocks that are still unreferenced once every backup
 that started before the condemnation has finished. Run it twice, some time apart, e.g. daily.
+While a backup runs on this repository, gc only condemns. Hosts sharing one store (each with its
+own database) share blocks too: a gc that finds versions in the store its database does not know
+deletes nothing; run it where one database knows every version (rebuild-db makes one).
 
 examples:
   backyfs prune --keep-daily 7 --keep-weekly 4 && backyfs gc

@@ -17,7 +17,7 @@ maps is then seen as live, not missed on both sides.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from backyfs.errors import NotFound
 from backyfs.repository.repo import Repository, block_key
@@ -32,7 +32,8 @@ class GcResult:
     deleted_bytes: int = 0
     revived: int = 0
     waiting: int = 0  # condemned, but an older backup is still running
-    deferred: bool = False  # a backup was running: nothing was deleted this time
+    deferred: bool = False  # a backup was running, or versions are foreign: nothing was deleted
+    foreign: list[str] = field(default_factory=list)  # see foreign_versions()
 
 
 def referenced_digests(repo: Repository) -> set[bytes]:
@@ -50,9 +51,18 @@ def collect_garbage(repo: Repository, dry_run: bool = False) -> GcResult:
         return _collect(repo, dry_run, alone)
 
 
+def foreign_versions(repo: Repository) -> set[str]:
+    """Versions whose metadata is in the store but not in this database: another host's sharing the
+    store (blocks are content-addressed, so hosts share them too), or ones rebuild-db left out."""
+    in_store = {k.split("/")[1] for k in repo.store.list("versions/") if k.count("/") == 2}
+    return in_store - {v.uid for v in repo.db.versions()}
+
+
 def _collect(repo: Repository, dry_run: bool, alone: bool) -> GcResult:
     now = time.time()
-    result = GcResult(deferred=not alone)
+    foreign = foreign_versions(repo)
+    alone = alone and not foreign  # their block maps may name any block: delete nothing
+    result = GcResult(deferred=not alone, foreign=sorted(foreign))
     live = [v for v in repo.db.versions(state="pending") if v.heartbeat and v.heartbeat > now - STALE_AFTER]
     oldest_live = min((v.created for v in live), default=float("inf"))
     condemned = repo.db.blocks_in_state("condemned")
