@@ -207,3 +207,36 @@ def test_gc_deletes_nothing_in_a_store_shared_with_another_database(tmp_path):
     out = tmp_path / "out"
     restore(host_b, vb, FileTarget(str(out), vb.size))
     assert out.read_bytes() == shared
+
+
+def test_a_block_found_damaged_during_a_backup_is_stored_again(tmp_path, monkeypatch):
+    """A differential takes unchanged blocks from its parent's map without reading them. If a
+    deep-scrub finds one of those corrupt while the backup runs, the new version must not become
+    valid on the damaged object: the backup reads the block again and stores it anew."""
+    from backyfs.repository.extents import Extent
+    from backyfs.repository.scrub import scrub
+
+    repo = _repo(tmp_path)
+    a, b, c = (os.urandom(4 * MiB) for _ in range(3))
+    v1 = _backup(repo, _image(tmp_path / "img", [a, b, c]))
+    path = _image(tmp_path / "img", [a, b, os.urandom(4 * MiB)])  # block 2 changed
+    obj = tmp_path / "data" / "store" / block_key(block_digest(a))
+    real_process = BackupWriter._process
+
+    def scrub_finds_a_corrupt_while_we_run(self, plan):
+        raw = bytearray(obj.read_bytes())
+        raw[-1] ^= 0xFF
+        obj.write_bytes(bytes(raw))
+        assert scrub(repo, [v1], deep=True).invalidated == [v1.uid]
+        return real_process(self, plan)
+
+    monkeypatch.setattr(BackupWriter, "_process", scrub_finds_a_corrupt_while_we_run)
+    source = FileSource(path)
+    v2 = BackupWriter(repo, source, "vol", parent=v1, hints=[Extent(8 * MiB, 4 * MiB)],
+                      sample_percent=0).run()
+    source.close()
+    assert v2.state == "valid"
+    assert scrub(repo, [v1, v2], deep=True).bad == {}  # a's object was stored anew: both are fine
+    out = tmp_path / "out"
+    restore(repo, v2, FileTarget(str(out), v2.size))
+    assert out.read_bytes() == (tmp_path / "img").read_bytes()

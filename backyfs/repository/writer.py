@@ -124,6 +124,7 @@ class BackupWriter:
         finally:
             # Whatever was stored so far is recorded, so a re-run skips it.
             self._flush()
+        self._repair_damaged(blocks)
         blockmap = BlockMap.from_mapping(self.source.size, self.block_size, blocks)
         self.stats.seconds = round(time.monotonic() - started, 3)
         self.repo.db.update_version(version.uid, stats=self.stats.as_dict())
@@ -131,6 +132,23 @@ class BackupWriter:
         self.repo.store.flush()
         self.repo.set_state(version, "valid")
         return self.repo.db.get_version(version.uid)
+
+    def _repair_damaged(self, blocks: dict[int, bytes]) -> None:
+        """Blocks a scrub found missing or corrupt while this backup ran (it took unchanged blocks
+        from its parent's map, and counted on what was stored when it started): read them from
+        the source again and store them anew, which also repairs the object for other versions."""
+        bad = self.repo.db.damaged_digests(set(blocks.values()))
+        if not bad:
+            return
+        with self.lock:
+            self.known -= bad
+        for block_idx in sorted(i for i, d in blocks.items() if d in bad):
+            _, digest = self._block(block_idx)
+            if digest is None:
+                blocks.pop(block_idx)
+            else:
+                blocks[block_idx] = digest
+        self._flush()
 
     def _open_version(self) -> Version:
         """Resume a pending version of the same volume, parent and size, or start a new one."""
