@@ -268,3 +268,19 @@ def test_labels_protect_show_ls_rm(repo_env: RepoEnv, tmp_path: Path) -> None:
     repo_env.ok("protect", v2)
     repo_env.ok("rm", v2, "--force")
     assert repo_env.versions() == []
+
+
+def test_rebuild_db_marks_a_version_with_missing_blocks_invalid(repo_env: RepoEnv, tmp_path: Path) -> None:
+    """A version whose metadata is intact but one of whose objects is gone from the store (gc ran
+    after an rm that removed only the database row) is rebuilt invalid, and named, not valid."""
+    img = write_image(tmp_path / "img", ["rand", "rand"])
+    v1 = repo_env.backup(img, "vm")["uid"]
+    blocks = sorted((repo_env.store_dir / "blocks").rglob("*"))
+    victim = next(p for p in blocks if p.is_file())
+    victim.unlink()
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{repo_env.db_path}{suffix}").unlink(missing_ok=True)
+    res = repo_env.run("rebuild-db")
+    assert res.rc == 3, res.err
+    assert len(res.err_lines) == 1 and v1 in res.err and "1 blocks missing: marked invalid" in res.err, res.err
+    assert [(v["uid"], v["state"]) for v in repo_env.versions()] == [(v1, "invalid")]

@@ -312,8 +312,7 @@ def cmd_rebuild_db(args: argparse.Namespace) -> int:
     result = repo.rebuild_db()
     print(f"rebuilt {repo.db.path}: {result['versions']} versions, {result['objects']} objects")
     if result["damaged"]:
-        raise DataProblem(f"left out {len(result['damaged'])} version(s) with damaged metadata: "
-                          + "; ".join(result["damaged"]))
+        raise DataProblem(f"{len(result['damaged'])} damaged version(s): " + "; ".join(result["damaged"]))
     return 0
 
 

@@ -196,7 +196,7 @@ class Repository:
                 blockmap = BlockMap.from_bytes(codec.decode(self.store.get(map_key), map_key))
                 versions.append((Version.from_json(meta), blockmap))
             except (ObjectMissing, CorruptObject, ValueError, TypeError, AttributeError) as exc:
-                damaged.append(f"{uid} ({exc})")
+                damaged.append(f"{uid} (damaged metadata, left out: {exc})")
         # Parents first, so foreign keys hold.
         versions.sort(key=lambda vb: vb[0].created)
         known = {v.uid for v, _ in versions}
@@ -211,4 +211,12 @@ class Repository:
             if digest is not None:
                 blocks.append((digest, self.store.size(key)))
         self.db.add_blocks(blocks)
+        # A valid version whose map names an object the store lacks (e.g. gc ran after a lost rm)
+        # is not restorable: say so, rather than rebuild it as valid.
+        stored = {d for d, _ in blocks}
+        for version, blockmap in versions:
+            missing = blockmap.digest_set() - stored
+            if missing and version.state == "valid":
+                self.db.update_version(version.uid, state="invalid")
+                damaged.append(f"{version.uid} ({len(missing)} blocks missing: marked invalid)")
         return {"versions": len(versions), "objects": len(blocks), "damaged": damaged}
