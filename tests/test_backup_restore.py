@@ -282,5 +282,6 @@ def test_rebuild_db_marks_a_version_with_missing_blocks_invalid(repo_env: RepoEn
         Path(f"{repo_env.db_path}{suffix}").unlink(missing_ok=True)
     res = repo_env.run("rebuild-db")
     assert res.rc == 3, res.err
-    assert len(res.err_lines) == 1 and v1 in res.err and "1 blocks missing: marked invalid" in res.err, res.err
+    assert len(res.err_lines) == 1 and v1 in res.err, res.err
+    assert "1 blocks missing: marked invalid" in res.err, res.err
     assert [(v["uid"], v["state"]) for v in repo_env.versions()] == [(v1, "invalid")]
