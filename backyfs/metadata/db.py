@@ -197,7 +197,7 @@ class MetadataDB:
         """Those of digests a scrub found missing or corrupt."""
         with self.lock:
             bad = {r[0] for r in self.conn.execute(
-                "SELECT digest FROM blocks WHERE state IN ('missing', 'corrupt')")}
+                "SELECT digest FROM blocks WHERE state != 'ok' AND state IN ('missing', 'corrupt')")}
         return bad & digests
 
     def blocks_in_state(self, state: str) -> list[tuple[bytes, float | None]]:

@@ -62,6 +62,9 @@ def create_tables(conn: sqlite3.Connection) -> None:
             checked     REAL,                       -- last (deep-)scrub, unix time
             condemned   REAL                        -- when gc condemned it
         ) WITHOUT ROWID;
+        -- The few blocks not 'ok': gc's condemned ones, and those every backup checks its new
+        -- block map against before it turns valid, without scanning millions of 'ok' rows.
+        CREATE INDEX IF NOT EXISTS blocks_not_ok ON blocks (state) WHERE state != 'ok';
 
         -- Runs of scheduled backup jobs (systemd timers call `backyfs job run NAME`), for the
         -- job monitor (`backyfs jobs`). A 'running' row whose pid is gone died without a word.
