@@ -346,3 +346,18 @@ def test_help_texts():
         assert word in proc.stdout
     for action in ("ls", "discard", "commit"):
         assert nh.run(nh.BACKYFS, "overlay", action, "--help").returncode == 0
+
+
+def test_serve_refuses_a_socket_path_that_is_a_file_and_open_tcp_without_tls(bk, uid, tmp_path):
+    """A --socket that names an existing file (a typo for an image, say) is refused, not deleted as
+    a stale socket; TCP on a non-loopback address needs TLS."""
+    victim = tmp_path / "vm.img"
+    victim.write_bytes(b"precious")
+    proc = bk.run("serve", "--socket", victim, uid)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f"backyfs: error: cannot serve on {victim}: it exists and is not a socket"), proc.stderr
+    assert victim.read_bytes() == b"precious"
+    for listen in ("0.0.0.0:10809", "[::]:10809", "backup-host:10809"):
+        proc = bk.run("serve", "--listen", listen, uid)
+        assert proc.returncode == 1 and "without --tls-psk" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1

@@ -9,6 +9,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -122,6 +123,17 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not match or not 0 < int(match.group(3)) < 65536:
         raise BackyfsError(f"bad --listen {text!r}: use PORT, HOST:PORT or [IPV6]:PORT")
     return match.group(1) or match.group(2) or "127.0.0.1", int(match.group(3))
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def ensure_psk(path: str, user: str = "backyfs") -> str:
@@ -278,6 +290,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     run_dir = os.path.join(cfg.data_dir, "run")
     if args.listen:
         host, port = parse_listen(args.listen)
+        if not args.tls_psk and not _is_loopback(host):
+            raise BackyfsError(f"serving on {host} without --tls-psk would give every backup to the "
+                               "network: add --tls-psk FILE, or listen on loopback")
         endpoint = Endpoint(host=host, port=port)
         base = os.path.join(run_dir, f"nbd-tcp-{port}")
     else:
@@ -296,7 +311,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
 def check_free(plan: Plan) -> None:
     """Refuse a socket a live server listens on; clear a stale one left by a killed server."""
     sock = plan.endpoint.socket
-    if sock and os.path.exists(sock):
+    if sock and os.path.lexists(sock):
+        if not stat.S_ISSOCK(os.lstat(sock).st_mode):  # a typo must not delete someone's file
+            raise BackyfsError(f"cannot serve on {sock}: it exists and is not a socket")
         if plan.endpoint.listening():
             raise BackyfsError(f"a server already listens on {sock}")
         _unlink(sock)
