@@ -277,3 +277,74 @@ def test_corrupt_filesystem_gives_a_clean_error(repo_env, tmp_path):
     res = repo_env.call("restore-file", uid, "/", tmp_path / "out")
     assert res.rc == 3 and "corrupt" in res.err
     assert (tmp_path / "out" / "lost+found").is_dir()  # the rest was restored
+
+
+# --- hostile images -----------------------------------------------------------------------------
+def _debugfs(image: Path, *commands: str) -> None:
+    subprocess.run(["debugfs", "-w", "-f", "-", str(image)], input="\n".join(commands) + "\n",
+                   text=True, capture_output=True, check=True)
+
+
+def test_a_directory_loop_is_reported_not_followed(repo_env, tmp_path):
+    """Two hard links to a directory inside itself (impossible in a sound ext4; easy to craft) once
+    made restore-file create directories until the disk was full."""
+    src = tmp_path / "src"
+    (src / "loop").mkdir(parents=True)
+    (src / "loop" / "f.txt").write_text("inside\n")
+    image = make_ext(tmp_path / "fs.img", src, 8 << 20, "ext4")
+    _debugfs(image, "ln loop loop/a", "ln loop loop/b")
+    uid = repo_env.backup(image, "hostile")["uid"]
+    res = repo_env.run("restore-file", uid, "/loop", tmp_path / "out", timeout=60)
+    assert res.rc == 3 and "directory loop" in res.err, res.err
+    assert (tmp_path / "out" / "f.txt").read_text() == "inside\n"
+    assert sum(1 for _ in (tmp_path / "out").rglob("*")) < 10
+
+
+def test_an_impossible_symlink_size_is_one_line(repo_env, tmp_path):
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "big").symlink_to("x" * 100)  # a slow symlink: its target in a data block
+    image = make_ext(tmp_path / "fs.img", src, 8 << 20, "ext4")
+    _debugfs(image, "sif d/big size 0x10000000000")
+    uid = repo_env.backup(image, "hostile")["uid"]
+    res = repo_env.run("restore-file", uid, "/d/big", tmp_path / "out", timeout=60)
+    assert res.rc in (1, 3) and "impossible" in res.err and "Traceback" not in res.err, res.err
+
+
+def test_an_extent_tree_reusing_its_blocks_fails_fast(tmp_path):
+    """Index blocks that point at the same child many times (84^7 leaves from 8 blocks) once kept
+    a walk of a 3-byte file's extents going for ever, growing without bound."""
+    import struct
+    import time
+
+    from backyfs.fronts.extfs import ExtError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("abc")
+    image = make_ext(tmp_path / "fs.img", src, 16 << 20, "ext4", "-b", "1024")
+    fs = ExtFS(file_pread(image), image.stat().st_size)
+    ino = dict(fs.listdir(fs.inode(2)))[b"f"]
+    group, index = divmod(ino - 1, fs.inodes_per_group)
+    block, offset = divmod(index * fs.inode_size, fs.block_size)
+    inode_at = (fs._inode_table(group) + block) * fs.block_size + offset
+    per, base, bs = (fs.block_size - 12) // 12, 12000, fs.block_size
+
+    def header(entries: int, depth: int) -> bytes:
+        return struct.pack("<HHHHI", 0xF30A, entries, entries, depth, 0)
+
+    with open(image, "r+b") as f:
+        f.seek((base + 7) * bs)  # one leaf
+        f.write((header(per, 0) + b"".join(struct.pack("<IHHI", i, 1, 0, 100) for i in range(per)))
+                .ljust(bs, b"\0"))
+        for level in range(7):  # each index block points at the next one, per times
+            f.seek((base + level) * bs)
+            f.write((header(per, 7 - level) + b"".join(struct.pack("<IIHH", 0, base + level + 1, 0, 0)
+                                                       for _ in range(per))).ljust(bs, b"\0"))
+        f.seek(inode_at + 0x28)
+        f.write(header(1, 8) + struct.pack("<IIHH", 0, base, 0, 0))
+    fs = ExtFS(file_pread(image), image.stat().st_size)
+    started = time.monotonic()
+    with pytest.raises(ExtError, match="used twice"):
+        fs.runs(fs.inode(ino))
+    assert time.monotonic() - started < 5

@@ -55,6 +55,8 @@ def cmd_restore_file(args: argparse.Namespace) -> int:
         service.close()
     for line in result.skipped:
         print(f"backyfs: skipped {line}", file=sys.stderr)
+    for line in result.errors:
+        print(f"backyfs: cannot restore {line}", file=sys.stderr)
     print(f"restored {args.path} from {label} to {dest}: {result.files} file(s), {result.dirs} "
           f"director{'y' if result.dirs == 1 else 'ies'}, {result.links} symlink(s), "
           f"{result.bytes / 2**20:,.1f} MiB")

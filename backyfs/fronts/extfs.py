@@ -34,6 +34,8 @@ RO_COMPAT_SPARSE_SUPER = 0x1
 FL_ENCRYPT, FL_EXTENTS, FL_INLINE_DATA = 0x800, 0x80000, 0x10000000
 _XATTR_MAGIC = 0xEA020000
 _MAX_SYMLINKS = 40
+_MAX_LINK_BYTES = 4096  # PATH_MAX: what the kernel allows a symlink target
+_MAX_DIR_BYTES = 1 << 30  # a directory of millions of entries is a few hundred MiB
 
 
 class ExtError(BackyfsError):
@@ -45,7 +47,7 @@ def corrupt_is_exterror() -> Iterator[None]:
     """Damaged structures can break a parse anywhere: report them as ExtError, not a traceback."""
     try:
         yield
-    except (struct.error, IndexError, ValueError, OverflowError, RecursionError) as exc:
+    except (struct.error, IndexError, ValueError, OverflowError, RecursionError, MemoryError) as exc:
         raise ExtError(f"corrupt filesystem structure ({type(exc).__name__}: {exc})") from None
 
 
@@ -213,13 +215,22 @@ class ExtFS:
         if inode.flags & FL_ENCRYPT:
             raise ExtError(f"inode {inode.ino} is encrypted")
         nblocks = -(-inode.size // self.block_size)
+        # Every tree block is visited once: a block reached twice (a damaged or hostile image) would
+        # make the walk exponential, so it is an error.
+        seen: set[int] = set()
         if inode.flags & FL_EXTENTS:
-            runs = list(self._extent_runs(inode.raw[0x28:0x64], 0))
+            runs = list(self._extent_runs(inode.raw[0x28:0x64], 0, nblocks, seen))
         else:
-            runs = _coalesce(self._indirect_runs(inode.raw[0x28:0x64], nblocks))
+            runs = _coalesce(self._indirect_runs(inode.raw[0x28:0x64], nblocks, seen))
         return [r for r in runs if r.lblk < nblocks]
 
-    def _extent_runs(self, node: bytes, level: int) -> Iterator[Run]:
+    def _tree_block(self, pblk: int, seen: set[int]) -> bytes:
+        if pblk in seen:
+            raise ExtError(f"corrupt block map: block {pblk} is used twice")
+        seen.add(pblk)
+        return self.block(pblk)
+
+    def _extent_runs(self, node: bytes, level: int, nblocks: int, seen: set[int]) -> Iterator[Run]:
         magic, entries, _max, depth = struct.unpack_from("<HHHH", node, 0)
         if magic != EXTENT_MAGIC or level > 8 or 12 + 12 * entries > len(node):
             raise ExtError("corrupt extent tree")
@@ -230,10 +241,12 @@ class ExtFS:
                 initialized = length <= 32768
                 yield Run(lblk, hi << 32 | lo, length if initialized else length - 32768, initialized)
             else:
-                _lblk, lo, hi = struct.unpack_from("<IIH", node, pos)
-                yield from self._extent_runs(self.block(hi << 32 | lo), level + 1)
+                lblk, lo, hi = struct.unpack_from("<IIH", node, pos)
+                if lblk >= nblocks:  # entries are sorted: the rest lies past the end of the file
+                    return
+                yield from self._extent_runs(self._tree_block(hi << 32 | lo, seen), level + 1, nblocks, seen)
 
-    def _indirect_runs(self, iblock: bytes, nblocks: int) -> Iterator[Run]:
+    def _indirect_runs(self, iblock: bytes, nblocks: int, seen: set[int]) -> Iterator[Run]:
         ptrs = struct.unpack("<15I", iblock)
         for i in range(min(12, nblocks)):
             if ptrs[i]:
@@ -244,11 +257,11 @@ class ExtFS:
             if lblk >= nblocks:
                 return
             if ptr:
-                yield from self._walk_indirect(ptr, level, lblk, nblocks)
+                yield from self._walk_indirect(ptr, level, lblk, nblocks, seen)
             lblk += per**level
 
-    def _walk_indirect(self, ptr: int, level: int, lblk: int, nblocks: int) -> Iterator[Run]:
-        table = array("I", self.block(ptr))
+    def _walk_indirect(self, ptr: int, level: int, lblk: int, nblocks: int, seen: set[int]) -> Iterator[Run]:
+        table = array("I", self._tree_block(ptr, seen))
         span = (self.block_size // 4) ** (level - 1)
         for i, child in enumerate(table):
             start = lblk + i * span
@@ -259,7 +272,7 @@ class ExtFS:
             if level == 1:
                 yield Run(start, child, 1)
             else:
-                yield from self._walk_indirect(child, level - 1, start, nblocks)
+                yield from self._walk_indirect(child, level - 1, start, nblocks, seen)
 
     # --- content --------------------------------------------------------------------------
     def inline_data(self, inode: Inode) -> bytes:
@@ -302,6 +315,9 @@ class ExtFS:
 
     def read(self, inode: Inode) -> bytes:
         """The whole content (for directories and symlinks; files go through ranges())."""
+        limit = _MAX_DIR_BYTES if inode.is_dir else _MAX_LINK_BYTES
+        if inode.size > limit:  # a damaged size must not allocate gigabytes
+            raise ExtError(f"inode {inode.ino}: size {inode.size} is impossible for its type")
         buf = bytearray(inode.size)
         for offset, data in self.ranges(inode):
             buf[offset : offset + len(data)] = data

@@ -96,6 +96,7 @@ class Restorer:
         self.as_root = os.geteuid() == 0
         self.result = RestoreResult()
         self.top: str | None = None
+        self.dirs_seen: set[int] = set()  # ext4 has no directory hard links: a repeat is a loop
 
     def restore(self, inode: Inode, dest: str, into_existing: bool = False) -> RestoreResult:
         """Copy INODE to DEST; into_existing: DEST is an existing directory to fill (the root)."""
@@ -142,6 +143,10 @@ class Restorer:
         self.result.files += 1
 
     def _dir(self, inode: Inode, dest: str) -> None:
+        if inode.ino in self.dirs_seen:  # a damaged or hostile image: it would recurse forever
+            self.result.errors.append(f"{dest}: directory loop (inode {inode.ino} again)")
+            return
+        self.dirs_seen.add(inode.ino)
         try:
             os.mkdir(dest, 0o700)
         except FileExistsError:
