@@ -198,6 +198,10 @@ def _store(store: object, where: str) -> dict:
     _check(store, f"{where}: [store] of type {kind}", _STORES[kind])
     if kind in _REQUIRED and _REQUIRED[kind] not in store:
         raise ConfigError(f"{where}: [store] of type {kind} needs {_REQUIRED[kind]}")
+    url = store.get("endpoint_url")
+    if url is not None and not re.match(r"https?://[^/\s]+", url):
+        raise ConfigError(f"{where}: [store] endpoint_url must be http://HOST[:PORT] or https://..., "
+                          f"not {url!r}")
     return dict(store)
 
 

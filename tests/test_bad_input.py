@@ -128,13 +128,15 @@ def test_corrupt_store_object(repo_env: RepoEnv, image: Path, with_version: str,
     ("[store]\ntype = ['s3']\n", "store type must be fs, s3 or rados, not ['s3']"),
     ("[store]\ntype = 's3'\nbucket = 'Bad_Bucket!'\nendpoint_url = 'http://127.0.0.1:1'\n",
      "Invalid bucket name \"Bad_Bucket!\" (a bucket name is letters, digits, '.', '-' and '_')"),
+    ("[store]\ntype = 's3'\nbucket = 'b'\nendpoint_url = '127.0.0.1:9000'\n",
+     "endpoint_url must be http://HOST[:PORT] or https://..., not '127.0.0.1:9000'"),
     ("[jobs.a]\nsource = 5\n", "[jobs.a]: source must be a string, not 5"),
     ("[jobs.a]\nsource = '/x'\nkeep = { lastt = 3 }\n", "[jobs.a] keep: unknown setting(s) lastt"),
 ], ids=["bad-toml", "unknown-key", "block-size-3MiB", "block-size-small", "block-size-word",
         "threads-0", "threads-word", "store-type", "store-key", "limit-word", "threads-bool",
         "compression-99", "cache-typo", "cache-negative", "cache-not-table", "s3-no-bucket",
         "s3-path-style-word", "s3-secret-not-echoed", "store-type-list", "s3-bad-bucket-name",
-        "job-source-int", "job-keep-typo"])
+        "s3-endpoint-no-scheme", "job-source-int", "job-keep-typo"])
 def test_wrong_config(tmp_path: Path, image: Path, config: str, message: str) -> None:
     cfg = tmp_path / "backyfs.toml"
     cfg.write_text(f'data_dir = "{tmp_path / "data"}"\n{config}')
@@ -158,7 +160,8 @@ def test_the_documented_config_is_accepted(tmp_path: Path) -> None:
     assert (cfg.threads, cfg.cache_disk_mb, cfg.jobs["vm1-root"]["keep"]["weekly"]) == (4, 4096, 8)
     for kind in ("s3", "rados"):  # the comment's list of each store's settings
         keys = re.search(rf"# {kind}:\s*(.+)", example).group(1).split(", ")
-        store = "\n".join(f"{k} = {'true' if k == 'path_style' else repr('x')}" for k in keys)
+        values = {"path_style": "true", "endpoint_url": repr("http://x")}
+        store = "\n".join(f"{k} = {values.get(k, repr('x'))}" for k in keys)
         cfg_path.write_text(f'[store]\ntype = "{kind}"\n{store}\n')
         assert config.load_config(str(cfg_path)).store["type"] == kind
 
