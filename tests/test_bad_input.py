@@ -384,3 +384,15 @@ def test_a_metadata_database_error_is_one_line(repo_env: RepoEnv, image: Path, m
     res = repo_env.call("backup", image, "vm")
     expected = ["backyfs: error: metadata database: database or disk is full"]
     assert res.rc == 1 and res.err_lines == expected, res.err
+
+
+def test_restore_does_not_write_through_a_dangling_symlink(repo_env: RepoEnv, image: Path,
+                                                           with_version: str, tmp_path: Path) -> None:
+    """A symlink at the target path pointing nowhere is an existing target: without --force the
+    restore refuses it instead of creating the file it points at (which a failed restore would
+    then leave behind, full-size, while removing the link)."""
+    link, pointee = tmp_path / "t.img", tmp_path / "elsewhere.img"
+    link.symlink_to(pointee)
+    res = repo_env.run("restore", with_version, link)
+    assert res.rc == 1 and "exists; use --force" in res.err, res.err
+    assert not pointee.exists() and link.is_symlink()

@@ -75,12 +75,14 @@ class FileTarget:
 
     def __init__(self, path: str, size: int, *, force: bool = False, sparse: bool = False) -> None:
         self.path = path
-        exists = os.path.exists(path)
-        is_device = exists and stat.S_ISBLK(os.stat(path).st_mode)
+        exists = os.path.lexists(path)  # a dangling symlink too: writing through it needs --force
+        is_device = os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode)
         if exists and not force:
             raise BackyfsError(f"restore target {path} exists; use --force to overwrite it")
         try:
             flags = os.O_WRONLY | os.O_CLOEXEC | (0 if is_device else os.O_CREAT)
+            if not exists:  # a new file, really: not through a dangling symlink, not a racing one
+                flags |= os.O_EXCL | os.O_NOFOLLOW
             self.fd = os.open(path, flags, 0o600)
             if is_device:
                 if _device_size(self.fd) < size:
