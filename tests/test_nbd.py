@@ -361,3 +361,27 @@ def test_serve_refuses_a_socket_path_that_is_a_file_and_open_tcp_without_tls(bk,
         proc = bk.run("serve", "--listen", listen, uid)
         assert proc.returncode == 1 and "without --tls-psk" in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_serve_kills_nbdkit_that_ignores_the_stop_signal(monkeypatch):
+    """`serve` stopping: nbdkit stuck in a request (e.g. on a dead store) gets STOP_TIMEOUT to exit,
+    then is killed. The wait once began before the signal and was resumed without a timeout."""
+    import sys
+    import threading
+
+    from backyfs.cli import serve as serve_mod
+
+    monkeypatch.setattr(serve_mod, "STOP_TIMEOUT", 1.0)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        sup = serve_mod.Supervisor([])
+        sup.proc = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                     "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
+        time.sleep(0.5)  # the child has set up its handler
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        started = time.monotonic()
+        assert sup.wait() == 0
+        assert time.monotonic() - started < 5 and sup.proc.returncode == -signal.SIGKILL
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

@@ -191,10 +191,13 @@ class Supervisor:
         self.leftovers = leftovers
         self.proc: subprocess.Popen | None = None
         self.stopping = False
+        self.stop_deadline = float("inf")  # set by the first stop signal
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
+        if not self.stopping:
+            self.stop_deadline = time.monotonic() + STOP_TIMEOUT
         self.stopping = True
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -228,11 +231,14 @@ class Supervisor:
     def wait(self) -> int:
         """Until nbdkit exits: 0 when a signal stopped it, 1 when it died by itself."""
         try:
+            # Short waits, not one long one: a wait begun before the signal would be resumed after
+            # its handler with no timeout, and nbdkit stuck in a request would keep us forever.
             while self.proc.poll() is None:
                 try:
-                    self.proc.wait(timeout=STOP_TIMEOUT if self.stopping else None)
-                except subprocess.TimeoutExpired:  # stuck in a client's request: do not hang
-                    self.proc.kill()
+                    self.proc.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() > self.stop_deadline:  # stuck in a client's request
+                        self.proc.kill()
         finally:
             self._cleanup()
         if self.stopping:
