@@ -57,3 +57,22 @@ def test_monitor_reports_a_died_run_and_unknown_job(tmp_path, capsys):
     assert main(["--config", cfg, "job", "run", "nope"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown job 'nope'" in err
+
+
+def test_monitor_reports_a_hung_run_and_forgets_removed_jobs(tmp_path, capsys):
+    """A run still 'running' (its pid alive: here our own) after max_age_hours is 'hung', not a green
+    'running' for ever; a job no longer in the config is not reported overdue for ever."""
+    import time
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(MiB))
+    cfg = _config(tmp_path, image)
+    repo = open_repository(load_config(cfg))
+    run_id = repo.db.start_job_run("good", os.getpid())
+    with repo.db._tx() as conn:
+        conn.execute("UPDATE job_runs SET started = ? WHERE id = ?", (time.time() - 5 * 86400, run_id))
+    repo.db.start_job_run("removed-from-config", 2**22 + 12345)
+    assert main(["--config", cfg, "jobs", "--json"]) == 3
+    rows = {r["job"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["good"]["status"] == "hung"
+    assert "removed-from-config" not in rows

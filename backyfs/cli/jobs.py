@@ -1,9 +1,9 @@
 """Scheduled backups: `job run NAME` (what systemd timers call) and `jobs`, the job monitor.
 
 Jobs are [jobs.NAME] tables in the config (source, volume, labels, args, max_age_hours, keep).
-Each run is recorded in the metadata DB; the monitor reports each job's last run and exits 3 when
-one failed, died (its process is gone while the run says 'running') or is overdue, so a monitoring
-system can call it as a check.
+Each run is recorded in the metadata DB; the monitor reports each configured job's last run and
+exits 3 when one failed, died (its process is gone while the run says 'running'), hung (still
+running after max_age_hours) or is overdue, so a monitoring system can call it as a check.
 """
 
 from __future__ import annotations
@@ -62,17 +62,18 @@ def cmd_job_run(args: argparse.Namespace) -> int:
 def _status(run: dict | None, job: dict, now: float) -> str:
     if run is None:
         return "never run"
+    max_age = float(job.get("max_age_hours", 26)) * 3600
     if run["state"] == "running":
         try:
             os.kill(run["pid"], 0)
-            return "running"
         except ProcessLookupError:
             return "died"
         except PermissionError:
-            return "running"
+            pass
+        # A run that hangs (or whose pid was reused) must not keep the monitor green for ever.
+        return "running" if now - run["started"] <= max_age else "hung"
     if run["state"] == "failed":
         return "failed"
-    max_age = float(job.get("max_age_hours", 26)) * 3600
     return "overdue" if run["last_ok"] is None or now - run["last_ok"] > max_age else "ok"
 
 
@@ -89,7 +90,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     runs = open_repository(cfg).db.last_job_runs()
     now = time.time()
     rows = []
-    for name in sorted(set(cfg.jobs) | set(runs)):
+    for name in sorted(cfg.jobs):  # a job taken out of the config is no longer watched
         run = runs.get(name)
         rows.append({"job": name, "status": _status(run, cfg.jobs.get(name, {}), now),
                      "started": run["started"] if run else None,
@@ -107,7 +108,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     bad = [r["job"] for r in rows if r["status"] not in ("ok", "running")]
     if bad:
         print(f"backyfs: jobs needing attention: {', '.join(bad)}", file=sys.stderr)
-        raise DataProblem(f"{len(bad)} job(s) failed, died, are overdue or never ran")
+        raise DataProblem(f"{len(bad)} job(s) failed, died, hung, are overdue or never ran")
     return 0
 
 
