@@ -385,3 +385,13 @@ def test_serve_kills_nbdkit_that_ignores_the_stop_signal(monkeypatch):
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_serve_foreground_whose_reader_goes_away_leaves_nothing(bk, uid):
+    """`backyfs serve --foreground | true`: printing the URLs fails with a broken pipe; serve ends
+    (exit 141, quietly) and takes nbdkit, its pid file and its socket with it."""
+    proc = subprocess.run(f"{nh.BACKYFS} serve --foreground {uid} | true", shell=True, env=bk.env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr  # the pipeline's status is true's
+    assert not bk.socket.exists() and not bk.pid_file.exists()
+    assert "Traceback" not in proc.stderr

@@ -246,6 +246,17 @@ class Supervisor:
         print(f"backyfs: error: nbdkit exited with status {self.proc.returncode}", file=sys.stderr)
         return 1
 
+    def stop(self) -> None:
+        """Stop nbdkit now (the caller gives up serving) and remove the pid file and socket."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._cleanup()
+
     def _cleanup(self) -> None:
         for path in self.leftovers:
             _unlink(path)
@@ -349,7 +360,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.foreground:
         supervisor = Supervisor(leftovers)
         supervisor.start(plan)
-        report(plan, os.getpid())
+        try:
+            report(plan, os.getpid())
+            sys.stdout.flush()
+        except BaseException:  # e.g. stdout's reader gone: stop nbdkit, leave no pid file or socket
+            supervisor.stop()
+            raise
         return supervisor.wait()
     return daemonize(plan, leftovers)
 
