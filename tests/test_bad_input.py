@@ -396,3 +396,14 @@ def test_restore_does_not_write_through_a_dangling_symlink(repo_env: RepoEnv, im
     res = repo_env.run("restore", with_version, link)
     assert res.rc == 1 and "exists; use --force" in res.err, res.err
     assert not pointee.exists() and link.is_symlink()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--read-limit", "-5"], "argument --read-limit: must be 0 (no limit) or more, not -5"),
+    (["--write-limit", "fast"], "argument --write-limit: must be a number, not 'fast'"),
+    (["--verify-sample", "200"], "argument --verify-sample: must be a percentage from 0 to 100, not 200"),
+])
+def test_out_of_range_backup_options_are_usage_errors(repo_env: RepoEnv, image: Path, args: list[str],
+                                                      message: str) -> None:
+    res = repo_env.call("backup", image, "vm", *args)
+    assert res.rc == 2 and res.err_lines[-1] == f"backyfs backup: error: {message}", res.err

@@ -316,6 +316,27 @@ def cmd_rebuild_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+
+
+def _rate(text: str) -> float:
+    value = _number(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, not {text}")
+    return value
+
+
+def _percent(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a percentage from 0 to 100, not {text}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     def add(name: str, func, help_text: str, description: str = "") -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=description or help_text,
@@ -334,14 +355,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="diff against the volume's latest valid version; fail if there is none")
     mode.add_argument("--full", action="store_true", help="do not diff against any parent")
     p.add_argument("--hints", metavar="FILE", help="read only these extents (rbd diff --format json)")
-    p.add_argument("--verify-sample", type=float, default=0.5, metavar="PERCENT",
+    p.add_argument("--verify-sample", type=_percent, default=0.5, metavar="PERCENT",
                    help="with hints or an RBD diff, re-read this share of the unchanged blocks "
                         "(at least 1, at most 64 blocks; none when nothing changed; default 0.5)")
     p.add_argument("--pre-snapshot", metavar="CMD", help="run before the RBD snapshot (e.g. fsfreeze)")
     p.add_argument("--post-snapshot", metavar="CMD", help="run after the RBD snapshot (e.g. thaw)")
     p.add_argument("--label", metavar="KEY=VALUE", action="append", help="label the version (repeatable)")
-    p.add_argument("--read-limit", type=float, metavar="MB/S", help="cap reads from the source")
-    p.add_argument("--write-limit", type=float, metavar="MB/S", help="cap writes to the store")
+    p.add_argument("--read-limit", type=_rate, metavar="MB/S", help="cap reads from the source (0: no limit)")
+    p.add_argument("--write-limit", type=_rate, metavar="MB/S", help="cap writes to the store (0: no limit)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a line")
 
     p = add("restore", cmd_restore, "restore a version to a file, block device or RBD image",
@@ -358,7 +379,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                 "check that every object exists with the right size", helptext.SCRUB)
         p.add_argument("version", metavar="VERSION", nargs="?", help=helptext.VERSION)
         p.add_argument("--all", action="store_true", help="every version")
-        p.add_argument("--percent", type=float, default=100.0, metavar="P",
+        p.add_argument("--percent", type=_percent, default=100.0, metavar="P",
                        help="check a random P%% of the objects (default 100)")
 
     p = add("ls", cmd_ls, "list versions", helptext.LS)
