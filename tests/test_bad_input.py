@@ -407,3 +407,30 @@ def test_out_of_range_backup_options_are_usage_errors(repo_env: RepoEnv, image: 
                                                       message: str) -> None:
     res = repo_env.call("backup", image, "vm", *args)
     assert res.rc == 2 and res.err_lines[-1] == f"backyfs backup: error: {message}", res.err
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("losetup"), reason="needs root for a loop device")
+def test_restore_refuses_a_mounted_device(repo_env: RepoEnv, image: Path, with_version: str,
+                                          tmp_path: Path) -> None:
+    """--force overwrites a device, but not one in use: the device is opened O_EXCL, which the
+    kernel refuses while a filesystem on it is mounted."""
+    disk = tmp_path / "loop.img"
+    subprocess.run(["truncate", "-s", str(image.stat().st_size + (1 << 20)), str(disk)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", str(disk)], check=True)
+    dev = subprocess.run(["losetup", "-f", "--show", str(disk)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mount", dev, str(mnt)], check=True)
+        try:
+            res = repo_env.run("restore", with_version, dev, "--force")
+            assert res.rc == 1 and "is in use (mounted" in res.err, res.err
+            assert (mnt / "lost+found").is_dir()  # the filesystem is untouched
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+        repo_env.ok("restore", with_version, dev, "--force")  # unmounted, it may be overwritten
+        with open(dev, "rb") as f:
+            assert f.read(image.stat().st_size) == image.read_bytes()
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)

@@ -83,6 +83,8 @@ class FileTarget:
             flags = os.O_WRONLY | os.O_CLOEXEC | (0 if is_device else os.O_CREAT)
             if not exists:  # a new file, really: not through a dangling symlink, not a racing one
                 flags |= os.O_EXCL | os.O_NOFOLLOW
+            elif is_device:  # exclusive: the kernel refuses (EBUSY) a mounted or in-use device
+                flags |= os.O_EXCL
             self.fd = os.open(path, flags, 0o600)
             if is_device:
                 if _device_size(self.fd) < size:
@@ -94,6 +96,9 @@ class FileTarget:
                 os.ftruncate(self.fd, size)
                 self.zeroed = True
         except OSError as exc:
+            if is_device and exc.errno == errno.EBUSY:
+                raise BackyfsError(f"restore target {path} is in use (mounted, or open by another "
+                                   "program): refusing to overwrite it") from None
             raise BackyfsError(f"cannot open restore target {path}: {exc.strerror}") from None
         self.is_device = is_device
         self.created = not exists
