@@ -463,7 +463,7 @@ it with SIGTERM or SIGINT (kill PID, Ctrl-C): the socket and pid file are remove
 server logs to DATA/run/nbd.log.
 
 --listen serves TCP, on 127.0.0.1 unless a HOST is given: any other address exposes the backups
-to the network, so pair it with --tls-psk, which requires TLS with a pre-shared key. A missing
+to the network, so it needs --tls-psk, which requires TLS with a pre-shared key. A missing
 PSK file is created (psktool when installed, else 32 random bytes) with mode 0600; clients name it
 in the URL (nbds://USER@HOST:PORT/EXPORT?tls-psk-file=FILE) or, for qemu, as DIR/keys.psk.
 
