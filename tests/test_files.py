@@ -124,7 +124,9 @@ def test_restore_single_file(repo_env, tmp_path, ext4_version):
     repo_env.ok("restore-file", f"{uid}:part2", "/bin/tool", outdir)  # into an existing directory
     check_entry(outdir / "tool", spec["bin/tool"])
     again = repo_env.call("restore-file", f"{uid}:part2", "/bin/tool", outdir)
-    assert again.rc == 3 and "File exists" in again.err  # no silent overwrite
+    # No silent overwrite, and a usage mistake is an error (1), not damaged data (3).
+    assert again.rc == 1 and again.err_lines == [
+        f"backyfs: error: {outdir / 'tool'} exists; use --force to overwrite it"], again.err
     repo_env.ok("restore-file", f"{uid}:part2", "/bin/tool", outdir, "--force")
 
 

@@ -10,6 +10,7 @@ import time
 
 from backyfs.cli.commands import DataProblem, _print_json
 from backyfs.config import load_config
+from backyfs.errors import BackyfsError
 from backyfs.fronts.extfs import corrupt_is_exterror
 
 SPEC_HELP = "VERSION, or VERSION:partN for a partition (as in the FUSE tree: part1, part5, ...)"
@@ -48,6 +49,8 @@ def cmd_restore_file(args: argparse.Namespace) -> int:
         if os.path.isdir(dest) and not os.path.islink(dest):
             base = os.path.basename(args.path.rstrip("/"))
             dest, into_existing = (os.path.join(dest, base), False) if base else (dest, True)
+        if not into_existing and not args.force and os.path.lexists(dest):  # before writing anything
+            raise BackyfsError(f"{dest} exists; use --force to overwrite it")
         restorer = Restorer(fs, force=args.force,
                             warn=lambda msg: print(f"backyfs: {msg}", file=sys.stderr))
         result = restorer.restore(inode, dest, into_existing)
