@@ -129,3 +129,19 @@ def test_block_digest_is_blake2b_256_as_hashlib_computes_it() -> None:
 
     for data in (b"", b"x", os.urandom(4096), os.urandom(4 << 20), memoryview(os.urandom(5000))[7:]):
         assert block_digest(data) == _hashlib_digest(data) == hashlib.blake2b(data, digest_size=32).digest()
+
+
+def test_a_compressed_frame_larger_than_its_header_says_is_corrupt_not_decompressed():
+    """python-zstandard trusts a frame's own content size over max_output_size: a 2 KiB object
+    whose header says 4096 bytes once decompressed to 64 MiB (and one claiming 2^44 bytes was a
+    MemoryError traceback)."""
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor().compress(bytes(64 << 20))
+    assert len(bomb) < 4096
+    obj = codec.HEADER.pack(codec.MAGIC, codec.FORMAT_VERSION, CODEC_ZSTD, 4096, len(bomb)) + bomb
+    with pytest.raises(CorruptObject, match="holds 67108864 bytes, header says 4096"):
+        decode(obj)
+    huge = codec.HEADER.pack(codec.MAGIC, codec.FORMAT_VERSION, CODEC_ZSTD, 2**32 - 1, len(bomb)) + bomb
+    with pytest.raises(CorruptObject, match="more than any block"):
+        decode(huge)

@@ -350,3 +350,59 @@ def test_an_extent_tree_reusing_its_blocks_fails_fast(tmp_path):
     with pytest.raises(ExtError, match="used twice"):
         fs.runs(fs.inode(ino))
     assert time.monotonic() - started < 5
+
+
+def test_hostile_partition_tables_are_bounded(tmp_path):
+    """A guest writes its partition table: a GPT header asking for huge entries must not make us
+    read the disk into memory, a chain of empty EBRs must not be followed for ever, two extended
+    partitions must not give two part5, and a tiny volume with an ext signature is no traceback."""
+    import struct
+    import zlib
+
+    img = partitioned_image(tmp_path / "gpt.img", GPT_SCRIPT, random_fill=False)
+    with open(img, "r+b") as f:
+        f.seek(512)
+        header = bytearray(f.read(512))
+        struct.pack_into("<I", header, 84, 128 << 10)  # entry size 128 KiB: a 16 MiB table
+        struct.pack_into("<I", header, 16, 0)
+        struct.pack_into("<I", header, 16, zlib.crc32(bytes(header[:92])))
+        f.seek(512)
+        f.write(header)
+    asked: list[int] = []
+    base = file_pread(img)
+
+    def pread(offset: int, length: int) -> bytes:
+        asked.append(length)
+        return base(offset, length)
+
+    find_partitions(pread, img.stat().st_size)  # the backup header may still be used: fine
+    assert max(asked) <= 128 * 1024
+
+    mbr = bytearray(512)
+    mbr[510:512] = b"\x55\xaa"
+    for slot, start in enumerate((2048, 8192)):  # two extended partitions, one logical in each
+        struct.pack_into("<BxxxBxxxII", mbr, 446 + 16 * slot, 0, 0x05, start, 4096)
+    disk = bytearray(16 << 20)
+    disk[:512] = mbr
+    for start in (2048, 8192):
+        ebr = bytearray(512)
+        ebr[510:512] = b"\x55\xaa"
+        struct.pack_into("<BxxxBxxxII", ebr, 446, 0, 0x83, 63, 1000)
+        disk[start * 512 : start * 512 + 512] = ebr
+    parts = find_partitions(lambda o, n: bytes(disk[o : o + n]), len(disk))
+    assert sorted(p.number for p in parts) == [5, 6]
+
+    chain = bytearray(64 << 20)  # 0x05 at slot 0, then EBRs linking on and on, holding nothing
+    chain[:512] = mbr[:446] + struct.pack("<BxxxBxxxII", 0, 0x05, 1, 130000) + bytes(48) + b"\x55\xaa"
+    reads: list[int] = []
+    for sector in range(1, 130000):
+        ebr = bytearray(512)
+        ebr[510:512] = b"\x55\xaa"
+        struct.pack_into("<BxxxBxxxII", ebr, 462, 0, 0x05, sector, 1)  # the link: the next sector
+        chain[sector * 512 : sector * 512 + 512] = ebr
+    find_partitions(lambda o, n: (reads.append(o), bytes(chain[o : o + n]))[1], len(chain))
+    assert len(reads) < 200
+
+    tiny = bytearray(1100)
+    tiny[1080:1082] = b"\x53\xef"  # the ext superblock magic, and nothing after it
+    assert detect_filesystem(lambda o, n: bytes(tiny[o : o + n]), len(tiny)) == "ext2"

@@ -240,3 +240,16 @@ def test_a_block_found_damaged_during_a_backup_is_stored_again(tmp_path, monkeyp
     out = tmp_path / "out"
     restore(repo, v2, FileTarget(str(out), v2.size))
     assert out.read_bytes() == (tmp_path / "img").read_bytes()
+
+
+def test_a_hex_volume_name_is_the_volume_not_a_uid_prefix(tmp_path):
+    """`backyfs restore cafe` (or an NBD export named cafe) means volume cafe, even when another
+    volume has a version whose uid starts with cafe."""
+    repo = _repo(tmp_path)
+    mine = _backup(repo, _image(tmp_path / "img", [os.urandom(MiB)]), volume="cafe")
+    other = Version(uid="cafe00000001", volume="secret", created=time.time(), size=MiB,
+                    block_size=mine.block_size, state="valid")
+    repo.db.add_version(other)
+    assert repo.resolve("cafe").uid == mine.uid
+    assert repo.resolve("cafe0000").uid == other.uid  # a prefix that is no volume's name
+    assert repo.resolve("cafe00000001").uid == other.uid

@@ -50,8 +50,8 @@ def find_partitions(pread: Pread, size: int) -> list[Partition]:
     for number, (ptype, start, count) in enumerate(entries, 1):
         if ptype == 0 or count == 0:
             continue
-        if ptype in _EXTENDED:
-            parts += _logical(pread, size, start)
+        if ptype in _EXTENDED:  # numbered on from 5 after any earlier logical ones: unique names
+            parts += _logical(pread, size, start, first=5 + sum(p.number >= 5 for p in parts))
         else:
             parts.append(Partition(number, start * SECTOR, count * SECTOR, f"{ptype:02x}"))
     return [p for p in parts if _fits(p, size)]
@@ -72,19 +72,20 @@ def _looks_like_boot_sector(mbr: bytes, entries: list[tuple[int, int, int]]) -> 
     return any(mbr[446 + 16 * i] not in (0x00, 0x80) for i in range(4) if entries[i][0])
 
 
-def _logical(pread: Pread, size: int, ext_start: int) -> list[Partition]:
+def _logical(pread: Pread, size: int, ext_start: int, first: int = 5) -> list[Partition]:
     """Follow the chain of extended boot records: each holds one logical partition (relative to
     itself) and a link to the next EBR (relative to the start of the extended partition)."""
     parts: list[Partition] = []
     ebr_sector, seen = ext_start, set()
-    while ebr_sector not in seen and len(parts) < _MAX_LOGICAL and (ebr_sector + 1) * SECTOR <= size:
+    # Bounded by EBRs read, not partitions found: a chain of empty EBRs must not read the disk.
+    while ebr_sector not in seen and len(seen) < _MAX_LOGICAL and (ebr_sector + 1) * SECTOR <= size:
         seen.add(ebr_sector)
         ebr = pread(ebr_sector * SECTOR, SECTOR)
         if ebr[510:512] != b"\x55\xaa":
             break
         (ptype, start, count), (ntype, nstart, _), *_ = _mbr_entries(ebr)
         if ptype and count:
-            parts.append(Partition(5 + len(parts), (ebr_sector + start) * SECTOR, count * SECTOR,
+            parts.append(Partition(first + len(parts), (ebr_sector + start) * SECTOR, count * SECTOR,
                                    f"{ptype:02x}"))
         if ntype not in _EXTENDED or nstart == 0:
             break
@@ -119,7 +120,9 @@ def _gpt_header(header: bytes) -> tuple[int, int, int, int] | None:
     if zlib.crc32(header[:16] + b"\0\0\0\0" + header[20:hsize]) != crc:
         return None
     entries_lba, count, entry_size, entries_crc = struct.unpack_from("<QIII", header, 72)
-    if not 0 < count <= _MAX_GPT_ENTRIES or entry_size < 128 or entry_size % 8:
+    # Linux reads only 128-byte entries; a larger size (a damaged or hostile header) could make
+    # the table as large as the disk, read into memory before its checksum is checked.
+    if not 0 < count <= _MAX_GPT_ENTRIES or entry_size != 128:
         return None
     return entries_lba, count, entry_size, entries_crc
 
@@ -178,6 +181,8 @@ def detect_filesystem(pread: Pread, size: int) -> str | None:
 
 def _ext_flavour(pread: Pread) -> str:
     sb = pread(1024, 0x68)
+    if len(sb) < 0x64:  # a volume too small to hold the superblock's feature flags
+        return "ext2"
     compat, incompat = struct.unpack_from("<II", sb, 0x5C)
     if incompat & (_EXT_EXTENTS | _EXT_64BIT | _EXT_FLEX_BG):
         return "ext4"

@@ -115,6 +115,13 @@ class Repository:
         if not spec or len(spec) > 256:
             raise NotFound(f"unknown version {spec!r}")
         uids = [spec] if _UID_RE.match(spec) else []
+        # A volume's own name wins over a uid prefix: a volume called "cafe" must never resolve to
+        # another volume's version cafe0123...; a full uid (12 hex digits) is never a volume name.
+        if not uids and self.db.versions(volume=spec):
+            latest = self.latest_valid(spec)
+            if latest is None:
+                raise NotFound(f"volume {spec!r} has no valid version")
+            return latest
         if not uids and len(spec) >= 4 and re.fullmatch(r"[0-9a-f]+", spec):
             uids = self.db.find_uids(spec)
             if len(uids) > 1:

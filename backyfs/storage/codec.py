@@ -21,6 +21,7 @@ CODEC_RAW = 0
 CODEC_ZSTD = 1
 HEADER = struct.Struct("<3sBB3xII")
 HEADER_SIZE = HEADER.size
+MAX_PLAIN = 64 << 20  # the largest block size: no object decodes to more
 # Keep a compressed payload only if it saves at least this fraction: random data stays raw and
 # reads back without a decompression pass.
 MIN_SAVING = 0.03
@@ -103,7 +104,14 @@ def decode_split(header: bytes, payload: bytes | memoryview, key: str = "object"
     codec, plain_len, _ = parse_header(header, key, HEADER_SIZE + len(payload))
     if codec == CODEC_RAW:
         return payload
+    if plain_len > MAX_PLAIN:
+        raise CorruptObject(f"{key}: header claims {plain_len} bytes, more than any block")
     try:
+        # The frame's own content size beats max_output_size in python-zstandard: check it first,
+        # or a damaged (or hostile) object could decompress to gigabytes.
+        frame_size = zstandard.get_frame_parameters(payload).content_size
+        if frame_size not in (plain_len, zstandard.CONTENTSIZE_UNKNOWN):
+            raise CorruptObject(f"{key}: compressed frame holds {frame_size} bytes, header says {plain_len}")
         plain = _decompressor().decompress(payload, max_output_size=plain_len)
     except zstandard.ZstdError as exc:
         raise CorruptObject(f"{key}: cannot decompress: {exc}") from None
