@@ -470,6 +470,14 @@ def test_pre_and_post_snapshot_commands(repo_env: RepoEnv, rbd_pool: RbdPool) ->
     assert rbd.backyfs_snapshots(image) == [snapshot]
     assert [v["uid"] for v in repo_env.versions()] == [stats["uid"]]
 
+    # A failing post-command (the guest could not be thawed) fails it too, after the snapshot:
+    # that snapshot is removed again, not left to pin data.
+    res = repo_env.run("backup", rbd.spec(image), "vm", "--post-snapshot", "echo cannot thaw >&2; exit 5")
+    assert res.rc == 1
+    assert res.err_lines == ["backyfs: error: post-snapshot command failed (exit status 5): cannot thaw"]
+    assert rbd.backyfs_snapshots(image) == [snapshot]
+    assert [v["uid"] for v in repo_env.versions()] == [stats["uid"]]
+
 
 def test_a_wrong_diff_is_caught_by_the_sample(repo_env: RepoEnv, rbd_pool: RbdPool,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
@@ -545,3 +553,16 @@ def test_a_failed_rbd_restore_write_is_reported_and_cleaned_up_at_once(rbd_pool:
     assert target.abandon() == f"removed the incomplete RBD image {rbd.pool}/{name}"
     assert time.monotonic() - started < 10
     assert name not in rbd.cli("ls", rbd.pool).stdout.split()
+
+
+def test_a_librbd_error_is_one_line(repo_env: RepoEnv, rbd_pool: RbdPool) -> None:
+    """librbd's own exceptions reach the user as one line: here the image's snapshot limit (set
+    with `rbd snap limit set`) is reached, so the backup's snapshot is refused."""
+    image = rbd_pool.create("limit", 8 * MiB)
+    spec = f"{rbd_pool.pool}/{image}"
+    rbd_pool.cli("snap", "create", f"{spec}@user-snapshot")
+    rbd_pool.cli("snap", "limit", "set", "--limit", "1", spec)
+    res = repo_env.run("backup", rbd_pool.spec(image), "vm")
+    assert res.rc == 1 and len(res.err_lines) == 1, res.err
+    assert res.err_lines[0].startswith("backyfs: error: Ceph RBD: "), res.err
+    assert rbd_pool.backyfs_snapshots(image) == [] and repo_env.versions() == []

@@ -103,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backyfs: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:
-        # SQLite's own errors (disk full, locked past the timeout) by module, not by class: the
-        # commands that never touch the database need not import sqlite3 to start.
-        if type(exc).__module__ != "sqlite3":
+        # Errors of SQLite (disk full, locked past the timeout) and of librados/librbd (permission,
+        # a lost cluster) by module, not by class: commands that use neither need not import them.
+        what = {"sqlite3": "metadata database", "rados": "Ceph", "rbd": "Ceph RBD"}.get(type(exc).__module__)
+        if what is None:
             raise
-        print(f"backyfs: error: metadata database: {exc}", file=sys.stderr)
+        print(f"backyfs: error: {what}: {exc or type(exc).__name__}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -107,10 +107,17 @@ class RbdSource:
         self._run_hook(self.pre_cmd, "pre-snapshot")
         try:
             self.head.create_snap(self.snapshot)
-        finally:
+        except BaseException:
+            self.snapshot = None  # not taken
+            self._run_hook(self.post_cmd, "post-snapshot")  # thaw the guest whatever happened
+            raise
+        try:
             self._run_hook(self.post_cmd, "post-snapshot")
-        self.image = self.rbd.Image(self.conn.ioctx, self.name, snapshot=self.snapshot, read_only=True)
-        self.size = self.image.size()
+            self.image = self.rbd.Image(self.conn.ioctx, self.name, snapshot=self.snapshot, read_only=True)
+            self.size = self.image.size()
+        except BaseException:  # the snapshot will not be used: it must not stay and pin data
+            self.discard_snapshot()
+            raise
 
     def changes(self, parent) -> list[Extent] | None:
         """The extents changed since the parent version's snapshot, or None (read everything) without
