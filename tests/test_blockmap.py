@@ -106,3 +106,21 @@ def test_bad_magic_and_extra_bytes_are_corrupt() -> None:
 def test_digests_must_match_indices() -> None:
     with pytest.raises(ValueError):
         BlockMap(BS, BS, array("Q", [0, 1]), digest(0))
+
+
+def test_a_hostile_map_from_the_store_is_corrupt() -> None:
+    """rebuild-db reads maps from a store others may share: unsorted or duplicate indices (lookups
+    would then miss data and read zeros), indices past the end and a zero block size are refused."""
+    good = BlockMap.from_mapping(8 * BS, BS, {1: b"a" * 32, 3: b"b" * 32})
+    good.check()
+    raw = bytearray(good.to_bytes())
+    header = struct.calcsize("<8sQQQ")
+    for indices in ((3, 1), (1, 1), (1, 8)):
+        bad = bytearray(raw)
+        struct.pack_into("<QQ", bad, header, *indices)
+        with pytest.raises(CorruptObject, match="out of order or past the end"):
+            BlockMap.from_bytes(bytes(bad)).check()
+    zero = bytearray(raw)
+    struct.pack_into("<Q", zero, 16, 0)
+    with pytest.raises(CorruptObject, match="impossible block size 0"):
+        BlockMap.from_bytes(bytes(zero))

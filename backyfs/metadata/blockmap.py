@@ -77,8 +77,18 @@ class BlockMap:
         magic, size, block_size, count = _HEADER.unpack_from(data)
         if magic != _MAGIC or len(data) != _HEADER.size + count * (8 + DIGEST_SIZE):
             raise CorruptObject("block map is corrupt or truncated")
+        if block_size < 512 or block_size & (block_size - 1):
+            raise CorruptObject(f"block map has an impossible block size {block_size}")
         indices = array("Q")
         start = _HEADER.size
         indices.frombytes(data[start : start + 8 * count])
         digests = bytes(data[start + 8 * count :])
         return cls(size, block_size, indices, digests)
+
+    def check(self) -> None:
+        """For maps read back from a store (rebuild-db), which others may share: what lookups rely
+        on, sorted unique indices inside the volume (an O(n) pass the local database is spared)."""
+        idx = self.indices
+        if len(idx) and (idx[-1] >= self.block_count
+                         or any(a >= b for a, b in zip(idx, idx[1:], strict=False))):
+            raise CorruptObject("block map indices are out of order or past the end of the volume")

@@ -201,6 +201,7 @@ class Repository:
                 meta_key, map_key = f"versions/{uid}/meta.json", f"versions/{uid}/blockmap"
                 meta = json.loads(codec.decode(self.store.get(meta_key), meta_key))
                 blockmap = BlockMap.from_bytes(codec.decode(self.store.get(map_key), map_key))
+                blockmap.check()
                 versions.append((Version.from_json(meta), blockmap))
             except (ObjectMissing, CorruptObject, ValueError, TypeError, AttributeError) as exc:
                 damaged.append(f"{uid} (damaged metadata, left out: {exc})")
