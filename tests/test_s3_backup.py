@@ -214,3 +214,50 @@ def test_radosgw_stopped_mid_backup(repo_env: RepoEnv, tmp_path: Path,
     out_img = tmp_path / "restored.img"
     repo_env.ok("restore", pending, out_img)
     assert files_equal(out_img, img)
+
+
+def test_a_body_that_stalls_is_fetched_again(tmp_path: Path) -> None:
+    """botocore retries requests, not a response body that stalls after the headers (a read
+    timeout inside Body.read()): the store retries that itself. A stub HTTP server on loopback
+    stalls the first GET and answers the second."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from backyfs.storage.s3 import S3Store
+
+    gets: list[float] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_HEAD(self) -> None:  # the bucket exists
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            gets.append(time.monotonic())
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            if len(gets) == 1:
+                self.wfile.write(b"x" * 10)
+                self.wfile.flush()
+                time.sleep(2.5)  # past the read timeout
+            else:
+                self.wfile.write(b"y" * 1000)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        store = S3Store("bkt", endpoint_url=f"http://127.0.0.1:{server.server_port}",
+                        access_key="AKIAEXAMPLE", secret_key="SECRETSECRET", region="us-east-1",
+                        path_style=True, read_timeout=1, max_attempts=3)
+        assert store.get("blocks/aa/bb") == b"y" * 1000
+        assert len(gets) == 2
+    finally:
+        server.shutdown()

@@ -8,6 +8,8 @@ parallelism so threads do not queue for a connection.
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,6 +19,7 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
     IncompleteReadError,
@@ -154,19 +157,22 @@ class S3Store(ObjectStore):
     def get(self, key: str) -> bytes:
         name = self._name(key)
         for attempt in range(_BODY_ATTEMPTS):
-            try:
+            try:  # botocore retries this request itself (5xx, timeouts before the headers)
                 response = self._client.get_object(Bucket=self.bucket, Key=name)
-                # read() checks the length against Content-Length, so a cut-off body raises.
-                return response["Body"].read()
             except ClientError as exc:
                 if _code(exc) in _MISSING_CODES:
                     raise ObjectMissing(f"object {key} is missing from {self.url}") from None
                 raise self._unavailable("read", key, exc) from None
-            except (IncompleteReadError, ResponseStreamingError) as exc:
-                if attempt + 1 == _BODY_ATTEMPTS:
-                    raise self._unavailable("read", key, exc) from None
             except BotoCoreError as exc:
                 raise self._unavailable("read", key, exc) from None
+            try:  # ... but not a body that breaks off or stalls while it is read: we do
+                # read() checks the length against Content-Length, so a cut-off body raises.
+                return response["Body"].read()
+            except (IncompleteReadError, ResponseStreamingError, ReadTimeoutError, ConnectionClosedError,
+                    OSError) as exc:
+                if attempt + 1 == _BODY_ATTEMPTS:
+                    raise self._unavailable("read", key, exc) from None
+                time.sleep(0.2 * 2**attempt * (0.5 + random.random()))  # backoff with jitter
         raise AssertionError("unreachable")
 
     def size(self, key: str) -> int:
