@@ -344,3 +344,13 @@ def test_cached_reads_leave_store_hints_to_the_pool(service, monkeypatch):
         assert dev.pread_cached(block_idx * BS, 10) is not None
     service.fetcher.pool.submit(lambda: None).result()  # the pool has run what was queued
     assert hinted_from and all(name.startswith("readahead") for name in hinted_from), hinted_from
+
+
+def test_overlay_ls_skips_stray_files(tmp_path):
+    root = tmp_path / "overlays"
+    ov = _fresh_overlay(tmp_path)
+    ov.write_block(0, b"a" * BS)
+    ov.flush()
+    ov.close()
+    (root / "README").write_text("notes an admin left here\n")
+    assert [(o.version_uid, o.dirty_blocks) for o in list_overlays(str(root))] == [("feedbeef0000", 1)]

@@ -253,3 +253,18 @@ def test_a_hex_volume_name_is_the_volume_not_a_uid_prefix(tmp_path):
     assert repo.resolve("cafe").uid == mine.uid
     assert repo.resolve("cafe0000").uid == other.uid  # a prefix that is no volume's name
     assert repo.resolve("cafe00000001").uid == other.uid
+
+
+def test_a_sparse_restore_counts_its_holes_and_ends_its_progress(tmp_path):
+    """Into a new (zeroed) file only stored blocks are visited: the holes must still count as zero
+    bytes, and the progress must end at the full size (it stopped at the stored bytes)."""
+    repo = _repo(tmp_path)
+    data = os.urandom(4 * MiB)
+    version = _backup(repo, _image(tmp_path / "img", [bytes(4 * MiB), data, bytes(4 * MiB)]))
+    calls: list[tuple[int, int]] = []
+    out = tmp_path / "out"
+    result = restore(repo, version, FileTarget(str(out), version.size),
+                     progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (version.size, version.size)
+    assert result.bytes_zero == 8 * MiB and result.bytes_written == 4 * MiB
+    assert out.read_bytes() == bytes(4 * MiB) + data + bytes(4 * MiB)

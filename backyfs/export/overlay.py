@@ -200,7 +200,11 @@ def list_overlays(root: str) -> list[OverlayInfo]:
     if not os.path.isdir(root):
         return out
     for uid in sorted(os.listdir(root)):
-        for name in sorted(os.listdir(os.path.join(root, uid))):
+        try:  # a stray file, or a version directory a discard just removed
+            names = sorted(os.listdir(os.path.join(root, uid)))
+        except OSError:
+            continue
+        for name in names:
             path = os.path.join(root, uid, name)
             try:
                 state = _read_state_files(path)

@@ -92,6 +92,10 @@ def restore(repo: Repository, version: Version, target: RestoreTarget, *, thread
                 progress(done[0], blockmap.size)
 
     _run_parallel(one, _all_blocks(blockmap, target.zeroed), threads)
+    if target.zeroed:  # the holes were never visited: they are zeros already
+        result.bytes_zero += blockmap.size - done[0]
+        if progress:
+            progress(blockmap.size, blockmap.size)
     target.finish()
     result.seconds = round(time.monotonic() - started, 3)
     if result.errors:
