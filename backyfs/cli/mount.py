@@ -100,18 +100,28 @@ def _daemon(cfg, mountpoint: str, args: argparse.Namespace, overlay: str) -> int
     scratch = tempfile.TemporaryFile()
     _redirect_stdio(scratch.fileno())
     code = 0
+    detached = False
+
+    def ready() -> None:
+        nonlocal detached
+        _detach(write_fd)
+        detached = True  # write_fd is closed now: its number may be reused by another file
+
     try:
-        _serve(cfg, mountpoint, args, overlay, ready=lambda: _detach(write_fd))
+        _serve(cfg, mountpoint, args, overlay, ready=ready)
     except BaseException as exc:  # the parent still waits unless the mount was ready
         code = 1
         text = str(exc) if isinstance(exc, BackyfsError | OSError) else f"{type(exc).__name__}: {exc}"
         scratch.seek(0)
         details = scratch.read().decode(errors="replace").strip().splitlines()
         text += f" ({details[-1]})" if details else ""
-        try:
-            os.write(write_fd, text.encode())
-        except OSError:
+        if detached:
             logging.getLogger("backyfs").error("mount server: %s", text)
+        else:
+            try:
+                os.write(write_fd, text.encode())
+            except OSError:
+                logging.getLogger("backyfs").error("mount server: %s", text)
     finally:
         os._exit(code)
 
