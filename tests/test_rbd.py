@@ -126,7 +126,7 @@ class RbdPool:
 @pytest.fixture
 def rbd_pool(repo_env: RepoEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RbdPool]:
     env = ceph_env.cluster()
-    pytest.importorskip("rbd")
+    ceph_env.import_module("rbd")
     # backyfs finds the cluster through CEPH_CONF, in a subprocess (run) and in-process (call) alike.
     repo_env.env["CEPH_CONF"] = env["CEPH_CONF"]
     monkeypatch.setenv("CEPH_CONF", env["CEPH_CONF"])

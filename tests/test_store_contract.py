@@ -231,7 +231,7 @@ def test_s3_closed_port_is_unavailable() -> None:
 
 
 def test_rados_unreachable_mon_is_unavailable(tmp_path: Path) -> None:
-    pytest.importorskip("rados")
+    ceph_env.import_module("rados")
     from backyfs.storage.rados import RadosStore
 
     conf = tmp_path / "ceph.conf"
