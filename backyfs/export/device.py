@@ -92,6 +92,13 @@ class BlockFetcher:
         """Blocks wanted after the prefetched ones: the store may start reading them (no threads)."""
         self.repo.will_need([d for d in digests if d not in self.memory])
 
+    def hint_later(self, digests: list[bytes]) -> None:
+        """hint() in the pool: the store opens object files for it, which an event loop must not."""
+        try:
+            self.pool.submit(self.hint, digests)
+        except RuntimeError:  # closing: no more readahead
+            pass
+
     def _prefetch_one(self, digest: bytes) -> None:
         try:
             self.get(digest)
@@ -228,8 +235,8 @@ class ExportDevice:
     def _maybe_readahead(self, block_idx: int, hint_inline: bool = True) -> None:
         """Queue the next readahead_blocks blocks when this read is near the previous one. "Near",
         not "next": concurrent requests of one sequential reader (FUSE splits a read into 1 MiB
-        requests, nbdcopy keeps many in flight) arrive slightly out of order. The store hint opens
-        object files: without hint_inline (an event loop's thread) it goes to the readahead pool."""
+        requests, nbdcopy keeps many in flight) arrive slightly out of order. Without hint_inline
+        (an event loop's thread) the store hint goes to the pool (BlockFetcher.hint_later)."""
         last = self.last_block
         if block_idx == last or not self.readahead_blocks:
             return
@@ -245,15 +252,9 @@ class ExportDevice:
             self.fetcher.prefetch(self._clean_digests(start, end))
             # One window further, only a hint: the disk reads those while the pool verifies these.
             count = self.blockmap.block_count
-            hinted = self._clean_digests(min(start + self.readahead_blocks, count),
-                                         min(end + self.readahead_blocks, count))
-            if hint_inline:
-                self.fetcher.hint(hinted)
-            else:
-                try:
-                    self.fetcher.pool.submit(self.fetcher.hint, hinted)
-                except RuntimeError:  # the service is closing: no more readahead
-                    pass
+            hint = self.fetcher.hint if hint_inline else self.fetcher.hint_later
+            hint(self._clean_digests(min(start + self.readahead_blocks, count),
+                                     min(end + self.readahead_blocks, count)))
 
     def _clean_digests(self, start: int, end: int) -> list[bytes]:
         return [d for d in map(self._clean_digest, range(start, end)) if d is not None]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -149,6 +150,7 @@ _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 _BOOT_HEADER_SIZE = 37  # the boot id (36 characters) and a newline
 
 
+@functools.cache
 def _boot_header() -> bytes:
     with open(_BOOT_ID_PATH, "rb") as f:
         return f.read(36).ljust(36, b"?") + b"\n"

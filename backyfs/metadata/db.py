@@ -196,7 +196,7 @@ class MetadataDB:
     def damaged_digests(self, digests: set[bytes]) -> set[bytes]:
         """Those of digests a scrub found missing or corrupt."""
         with self.lock:
-            bad = {r[0] for r in self.conn.execute(
+            bad = {r[0] for r in self.conn.execute(  # "state != 'ok'" lets SQLite use blocks_not_ok
                 "SELECT digest FROM blocks WHERE state != 'ok' AND state IN ('missing', 'corrupt')")}
         return bad & digests
 

@@ -117,11 +117,12 @@ class Repository:
         uids = [spec] if _UID_RE.match(spec) else []
         # A volume's own name wins over a uid prefix: a volume called "cafe" must never resolve to
         # another volume's version cafe0123...; a full uid (12 hex digits) is never a volume name.
-        if not uids and self.db.versions(volume=spec):
-            latest = self.latest_valid(spec)
-            if latest is None:
+        volume_versions = [] if uids else self.db.versions(volume=spec)
+        if volume_versions:
+            valid = [v for v in volume_versions if v.state == "valid"]
+            if not valid:
                 raise NotFound(f"volume {spec!r} has no valid version")
-            return latest
+            return valid[-1]
         if not uids and len(spec) >= 4 and re.fullmatch(r"[0-9a-f]+", spec):
             uids = self.db.find_uids(spec)
             if len(uids) > 1:
@@ -169,15 +170,18 @@ class Repository:
             self.store.delete(f"versions/{version.uid}/{name}")
         self.db.delete_version(version.uid, force=force)
 
+    def open_lock_file(self, name: str) -> int:
+        """An fd of DB_DIR/locks/NAME for flock: the locks die with the process, kill -9 included."""
+        lock_dir = os.path.join(os.path.dirname(os.path.abspath(self.db.path)), "locks")
+        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+        return os.open(os.path.join(lock_dir, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
     @contextlib.contextmanager
     def activity_lock(self, exclusive: bool) -> Iterator[bool]:
         """Backups and overlay commits hold this shared while they run (waiting for a gc that is
         deleting); gc's delete phase holds it exclusive, without waiting: while a backup runs,
         that backup may be storing or counting on any block. Yields whether it was taken."""
-        lock_dir = os.path.join(os.path.dirname(os.path.abspath(self.db.path)), "locks")
-        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
-        # A leading dot: no volume's lock (locks/VOLUME.lock) can have this name.
-        fd = os.open(os.path.join(lock_dir, ".activity.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self.open_lock_file(".activity.lock")  # a leading dot: no volume's lock is named so
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)

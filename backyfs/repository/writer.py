@@ -98,10 +98,7 @@ class BackupWriter:
     def _volume_lock(self):
         """One backup per volume at a time on this repository: a second one would resume the first's
         pending version under its feet. The lock dies with the process, so kill -9 leaves none."""
-        lock_dir = os.path.join(os.path.dirname(os.path.abspath(self.repo.db.path)), "locks")
-        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(lock_dir, f"{self.volume}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
+        fd = self.repo.open_lock_file(f"{self.volume}.lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
