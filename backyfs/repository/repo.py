@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from backyfs.errors import BackyfsError, CorruptObject, NotFound, ObjectMissing
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import MetadataDB, Version
+from backyfs.repository import mapstore
 from backyfs.storage import codec
 from backyfs.storage.base import ObjectStore
 
@@ -152,7 +153,7 @@ class Repository:
         """Mirror a version into the store so the store alone can restore everything."""
         if blockmap is not None:
             self.db.put_blockmap(version.uid, blockmap)
-            self.store.put(f"versions/{version.uid}/blockmap", codec.encode(blockmap.to_bytes()))
+            mapstore.put_map(self.store, version.uid, blockmap.to_bytes())
         fresh = self.db.get_version(version.uid)
         meta = json.dumps(fresh.to_json(), sort_keys=True).encode()
         self.store.put(f"versions/{version.uid}/meta.json", codec.encode(meta))
@@ -166,8 +167,8 @@ class Repository:
         self.db.check_deletable(version.uid, force=force)
         # The store's copy first: a crash or a dead store in between must not leave metadata
         # that rebuild-db would bring back as a valid version whose blocks gc has since deleted.
-        for name in ("meta.json", "blockmap"):
-            self.store.delete(f"versions/{version.uid}/{name}")
+        self.store.delete(f"versions/{version.uid}/meta.json")
+        mapstore.delete_map(self.store, version.uid)
         self.db.delete_version(version.uid, force=force)
 
     def open_lock_file(self, name: str) -> int:
@@ -202,9 +203,9 @@ class Repository:
         damaged: list[str] = []
         for uid in uids:
             try:
-                meta_key, map_key = f"versions/{uid}/meta.json", f"versions/{uid}/blockmap"
+                meta_key = f"versions/{uid}/meta.json"
                 meta = json.loads(codec.decode(self.store.get(meta_key), meta_key))
-                blockmap = BlockMap.from_bytes(codec.decode(self.store.get(map_key), map_key))
+                blockmap = BlockMap.from_bytes(mapstore.get_map(self.store, uid))
                 blockmap.check()
                 versions.append((Version.from_json(meta), blockmap))
             except (ObjectMissing, CorruptObject, ValueError, TypeError, AttributeError) as exc:
