@@ -12,6 +12,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -553,6 +554,45 @@ def test_a_failed_rbd_restore_write_is_reported_and_cleaned_up_at_once(rbd_pool:
     assert target.abandon() == f"removed the incomplete RBD image {rbd.pool}/{name}"
     assert time.monotonic() - started < 10
     assert name not in rbd.cli("ls", rbd.pool).stdout.split()
+
+
+def test_an_rbd_restore_write_refused_at_submission_gives_its_slot_back(rbd_pool: RbdPool,
+                                                                         monkeypatch) -> None:
+    """An aio write that librbd refuses outright (it raises instead of calling back) frees its
+    in-flight slot: 16 such writes used to leave none, and the next write or finish() hung."""
+    from backyfs.sources.rbd import RbdTarget
+
+    rbd = rbd_pool
+    name = rbd.name("refusedwrite")
+    monkeypatch.setenv("CEPH_CONF", rbd.conf)
+    target = RbdTarget(rbd.pool, name, 8 * MiB, force=False)
+    real_image = target.image
+
+    class RefusingWrites:
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(real_image, attr)
+
+        def aio_write(self, data: bytes, offset: int, callback: Any) -> None:
+            raise target.rbd.InvalidArgument("refused")
+
+    refused = []
+
+    def write_then_finish() -> None:
+        target.image = RefusingWrites()  # type: ignore[assignment]
+        for _ in range(RbdTarget.MAX_IN_FLIGHT + 1):
+            try:
+                target.pwrite(0, b"x" * 4096)
+            except target.rbd.InvalidArgument:
+                refused.append(1)
+        target.image = real_image
+        target.finish()
+
+    worker = threading.Thread(target=write_then_finish, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), f"hung after {len(refused)} refused writes"
+    assert len(refused) == RbdTarget.MAX_IN_FLIGHT + 1 and target.closed
+    rbd.cli("rm", "--no-progress", f"{rbd.pool}/{name}")
 
 
 def test_a_librbd_error_is_one_line(repo_env: RepoEnv, rbd_pool: RbdPool) -> None:

@@ -231,9 +231,13 @@ class RbdTarget:
                 self.conn.close()
                 raise BackyfsError(f"RBD image {self.spec} exists; use --force to overwrite it") from None
             self.zeroed = False
-        self.image = rbd.Image(self.conn.ioctx, name)
-        if self.image.size() != size:
-            self.image.resize(size)
+        try:
+            self.image = rbd.Image(self.conn.ioctx, name)
+            if self.image.size() != size:
+                self.image.resize(size)
+        except BaseException:
+            self._close_after_failed_open(created=self.zeroed)
+            raise
         self.gate = threading.Semaphore(self.MAX_IN_FLIGHT)
         self.errors: list[str] = []
         self.closed = False
@@ -251,7 +255,23 @@ class RbdTarget:
                 self.errors.append(f"write at offset {offset} failed ({completion.get_return_value()})")
             self.gate.release()
 
-        self.image.aio_write(data, offset, done)
+        try:
+            self.image.aio_write(data, offset, done)
+        except BaseException:  # not submitted: done() will never give the permit back
+            self.gate.release()
+            raise
+
+    def _close_after_failed_open(self, created: bool) -> None:
+        image = getattr(self, "image", None)
+        try:
+            if image is not None:
+                image.close()
+            if created:  # an image this restore made and could not use is not left behind
+                self.rbd.RBD().remove(self.conn.ioctx, self.name)
+        except self.rbd.Error:
+            pass  # the original error is the one to report
+        finally:
+            self.conn.close()
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self.image.write_zeroes(offset, length)
