@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 from backyfs.cli import helptext
 from backyfs.cli.progress import Progress
@@ -337,6 +338,9 @@ def _percent(text: str) -> float:
     return value
 
 
+AddCommand = Callable[..., argparse.ArgumentParser]
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     def add(name: str, func, help_text: str, description: str = "") -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=description or help_text,
@@ -345,7 +349,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         return p
 
     add("init", cmd_init, "create the data directory, store and metadata database", helptext.INIT)
+    _register_backup(add)
+    _register_restore_and_checks(add)
+    _register_versions(add)
+    register_housekeeping(sub)
 
+
+def _register_backup(add: AddCommand) -> None:
     p = add("backup", cmd_backup, "back up a disk image, block device or RBD image", helptext.BACKUP)
     p.add_argument("source", metavar="SOURCE", help="image file, block device, or rbd:POOL/IMAGE")
     p.add_argument("volume", metavar="VOLUME", help="volume name the versions are filed under")
@@ -365,6 +375,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--write-limit", type=_rate, metavar="MB/S", help="cap writes to the store (0: no limit)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a line")
 
+
+def _register_restore_and_checks(add: AddCommand) -> None:
     p = add("restore", cmd_restore, "restore a version to a file, block device or RBD image",
             helptext.RESTORE)
     p.add_argument("version", metavar="VERSION", help=helptext.VERSION)
@@ -382,6 +394,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--percent", type=_percent, default=100.0, metavar="P",
                        help="check a random P%% of the objects (default 100)")
 
+
+def _register_versions(add: AddCommand) -> None:
     p = add("ls", cmd_ls, "list versions", helptext.LS)
     p.add_argument("volume", metavar="VOLUME", nargs="?", help="only this volume")
     p.add_argument("--json", action="store_true", help="print JSON (one object per version)")
@@ -402,11 +416,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     add("rebuild-db", cmd_rebuild_db, "rebuild an empty metadata database from the store alone",
         helptext.REBUILD_DB)
-    register_housekeeping(sub)
-
-
-
-
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

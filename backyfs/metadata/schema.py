@@ -1,7 +1,8 @@
 """The SQLite schema: the truth about the data, in one function.
 
 The database is an index of the store. Everything in it can be rebuilt from the store's
-``versions/<uid>/meta.json`` and ``versions/<uid>/blockmap`` objects and its ``blocks/`` listing
+``versions/<uid>/meta.json`` and ``versions/<uid>/blockmap`` objects (the map in parts
+``blockmap.<n>`` when large, see repository/mapstore.py) and its ``blocks/`` listing
 (``backyfs rebuild-db``), so losing it loses no backup.
 """
 
