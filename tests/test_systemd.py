@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -33,6 +34,21 @@ def test_every_exec_start_parses_as_a_backyfs_command():
         args = [a.replace("%i", "vm1") for a in argv[1:]]
         parsed = build_parser().parse_args(args)  # argparse exits (SystemExit) on a bad line
         assert callable(parsed.func), unit
+
+
+def test_every_oneshot_unit_has_a_start_timeout():
+    """systemd gives Type=oneshot units no start timeout: one hung run (a dead store, a stuck
+    mount) would block every later run of its timer. Each of ours sets a finite one."""
+    oneshots = 0
+    for unit in sorted(UNITS.glob("*.service")):
+        settings = dict(line.split("=", 1) for line in unit.read_text().splitlines()
+                        if "=" in line and not line.startswith("#"))
+        if settings.get("Type") != "oneshot":
+            continue
+        oneshots += 1
+        timeout = settings.get("TimeoutStartSec", "")
+        assert re.fullmatch(r"\d+(min|h)", timeout), f"{unit.name}: TimeoutStartSec={timeout!r}"
+    assert oneshots == 3
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
