@@ -354,3 +354,36 @@ def test_overlay_ls_skips_stray_files(tmp_path):
     ov.close()
     (root / "README").write_text("notes an admin left here\n")
     assert [(o.version_uid, o.dirty_blocks) for o in list_overlays(str(root))] == [("feedbeef0000", 1)]
+
+
+def test_close_waits_for_running_readahead_before_closing_the_repository(tmp_path):
+    """A readahead load still reading when the service closes must finish before the repository
+    (its store and database) closes under it; queued ones are dropped."""
+    cfg = Config(data_dir=str(tmp_path / "data"), block_size=BS, cache_memory_mb=1)
+    svc = ExportService(cfg)
+    _image(tmp_path / "disk.img")
+    source = FileSource(str(tmp_path / "disk.img"))
+    BackupWriter(svc.repo, source, "vol", block_size=BS).run()
+    source.close()
+    repo, events, prefetching = svc.repo, [], threading.Event()
+    real_read, real_close = repo.read_block, repo.close
+
+    def slow_read(digest: bytes):
+        events.append("read started")
+        prefetching.set()
+        time.sleep(0.3)
+        data = real_read(digest)
+        events.append("read done")
+        return data
+
+    def close() -> None:
+        events.append("repository closed")
+        real_close()
+
+    repo.read_block, repo.close = slow_read, close  # type: ignore[method-assign]
+    svc.fetcher.prefetch(list(repo.blockmap(repo.latest_valid("vol")).digest_set()))
+    assert prefetching.wait(5)
+    svc.close()
+    time.sleep(0.6)  # a load left running would end (or fail) by now
+    assert events[-1] == "repository closed", events
+    assert events.count("read started") == events.count("read done")
