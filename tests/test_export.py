@@ -34,14 +34,20 @@ def _image(path: Path) -> bytes:
     return data
 
 
-@pytest.fixture
-def service(tmp_path: Path):
+def _service_with_version(tmp_path: Path) -> ExportService:
+    """A service over a new repository holding one version of _image, volume "vol"."""
     cfg = Config(data_dir=str(tmp_path / "data"), block_size=BS, cache_memory_mb=1)
     svc = ExportService(cfg)
     _image(tmp_path / "disk.img")
     source = FileSource(str(tmp_path / "disk.img"))
     BackupWriter(svc.repo, source, "vol", block_size=BS).run()
     source.close()
+    return svc
+
+
+@pytest.fixture
+def service(tmp_path: Path):
+    svc = _service_with_version(tmp_path)
     yield svc
     svc.close()
 
@@ -359,12 +365,7 @@ def test_overlay_ls_skips_stray_files(tmp_path):
 def test_close_waits_for_running_readahead_before_closing_the_repository(tmp_path):
     """A readahead load still reading when the service closes must finish before the repository
     (its store and database) closes under it; queued ones are dropped."""
-    cfg = Config(data_dir=str(tmp_path / "data"), block_size=BS, cache_memory_mb=1)
-    svc = ExportService(cfg)
-    _image(tmp_path / "disk.img")
-    source = FileSource(str(tmp_path / "disk.img"))
-    BackupWriter(svc.repo, source, "vol", block_size=BS).run()
-    source.close()
+    svc = _service_with_version(tmp_path)
     repo, events, prefetching = svc.repo, [], threading.Event()
     real_read, real_close = repo.read_block, repo.close
 

@@ -523,6 +523,25 @@ def test_a_wrong_diff_is_caught_by_the_sample(repo_env: RepoEnv, rbd_pool: RbdPo
     assert_same(out, rbd.export(image, snapshot))
 
 
+def _target_writing_with(rbd: RbdPool, monkeypatch, name: str, aio_write: Any) -> tuple[Any, Any]:
+    """An RbdTarget making a new image NAME whose aio writes go to aio_write instead of librbd;
+    returns it and its real librbd image."""
+    from backyfs.sources.rbd import RbdTarget
+
+    monkeypatch.setenv("CEPH_CONF", rbd.conf)
+    target = RbdTarget(rbd.pool, name, 8 * MiB, force=False)
+    real_image = target.image
+
+    class Writes:
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(real_image, attr)
+
+    fake = Writes()
+    fake.aio_write = aio_write  # type: ignore[attr-defined]
+    target.image = fake  # type: ignore[assignment]
+    return target, real_image
+
+
 def test_a_failed_rbd_restore_write_is_reported_and_cleaned_up_at_once(rbd_pool: RbdPool,
                                                                         monkeypatch) -> None:
     """An aio write that fails (an OSD error) makes finish() raise, and abandon() then removes the
@@ -531,22 +550,14 @@ def test_a_failed_rbd_restore_write_is_reported_and_cleaned_up_at_once(rbd_pool:
     import time
 
     from backyfs.errors import BackyfsError
-    from backyfs.sources.rbd import RbdTarget
 
     rbd = rbd_pool
     name = rbd.name("failedwrite")
-    monkeypatch.setenv("CEPH_CONF", rbd.conf)
-    target = RbdTarget(rbd.pool, name, 8 * MiB, force=False)
-    real_image = target.image
 
-    class FailingWrites:
-        def __getattr__(self, attr: str) -> Any:
-            return getattr(real_image, attr)
+    def failing(data: bytes, offset: int, callback: Any) -> None:
+        callback(type("Completion", (), {"get_return_value": lambda self: -5})())
 
-        def aio_write(self, data: bytes, offset: int, callback: Any) -> None:
-            callback(type("Completion", (), {"get_return_value": lambda self: -5})())
-
-    target.image = FailingWrites()  # type: ignore[assignment]
+    target, _real_image = _target_writing_with(rbd, monkeypatch, name, failing)
     target.pwrite(0, b"x" * 4096)
     with pytest.raises(BackyfsError, match="write at offset 0 failed"):
         target.finish()
@@ -564,21 +575,14 @@ def test_an_rbd_restore_write_refused_at_submission_gives_its_slot_back(rbd_pool
 
     rbd = rbd_pool
     name = rbd.name("refusedwrite")
-    monkeypatch.setenv("CEPH_CONF", rbd.conf)
-    target = RbdTarget(rbd.pool, name, 8 * MiB, force=False)
-    real_image = target.image
 
-    class RefusingWrites:
-        def __getattr__(self, attr: str) -> Any:
-            return getattr(real_image, attr)
+    def refusing(data: bytes, offset: int, callback: Any) -> None:
+        raise target.rbd.InvalidArgument("refused")
 
-        def aio_write(self, data: bytes, offset: int, callback: Any) -> None:
-            raise target.rbd.InvalidArgument("refused")
-
+    target, real_image = _target_writing_with(rbd, monkeypatch, name, refusing)
     refused = []
 
     def write_then_finish() -> None:
-        target.image = RefusingWrites()  # type: ignore[assignment]
         for _ in range(RbdTarget.MAX_IN_FLIGHT + 1):
             try:
                 target.pwrite(0, b"x" * 4096)
