@@ -307,13 +307,44 @@ def test_hints_without_a_parent(repo_env: RepoEnv, image: Path, tmp_path: Path) 
 
 @pytest.mark.parametrize("args", [["scrub"], ["deep-scrub", "--all", "--percent", "0"],
                                   ["label", "vm", "novalue"], ["backup", "{img}", "vm", "--label", "=x"],
-                                  ["serve", "--socket", "/nonexistent/dir/s.sock", "vm"],
-                                  ["serve", "--listen", "127.0.0.1:99999", "vm"]],
-                         ids=["scrub-nothing", "percent-0", "bad-label", "bad-backup-label",
-                              "serve-socket-dir", "serve-port"])
-def test_bad_arguments(repo_env: RepoEnv, with_version: str, image: Path, args: list[str]) -> None:
-    res = repo_env.run(*[a.format(img=image) for a in args])
+                                  ["serve", "--listen", "127.0.0.1:99999", "vm"],
+                                  ["serve", "--overlay", "x", "vm"], ["prune"],
+                                  ["mount", "--overlay", "x", "{tmp}"]],
+                         ids=["scrub-nothing", "percent-0", "bad-label", "bad-backup-label", "serve-port",
+                              "overlay-read-only", "prune-no-rule", "mount-overlay-read-only"])
+def test_usage_errors(repo_env: RepoEnv, with_version: str, image: Path, tmp_path: Path,
+                      args: list[str]) -> None:
+    """A command line that asks for something impossible: exit 2, as argparse's own errors."""
+    res = repo_env.run(*[a.format(img=image, tmp=tmp_path) for a in args])
+    assert_one_line_error(res, rc=2)
+
+
+@pytest.mark.parametrize("args", [["serve", "--socket", "/nonexistent/dir/s.sock", "vm"],
+                                  ["serve", "--writable", "--overlay", "../x", "vm"],
+                                  ["mount", "{nonempty}"], ["ls", "\udcff"], ["label", "vm", "\udcff=1"]],
+                         ids=["serve-socket-dir", "serve-overlay-name", "mount-not-empty",
+                              "not-utf8-volume", "not-utf8-label"])
+def test_bad_arguments(repo_env: RepoEnv, with_version: str, image: Path, tmp_path: Path,
+                       args: list[str]) -> None:
+    nonempty = tmp_path / "nonempty"
+    nonempty.mkdir()
+    (nonempty / "file").touch()
+    args = [a.format(img=image, nonempty=nonempty) for a in args]
+    res = repo_env.run(*args)
     assert_one_line_error(res, rc=1)
+
+
+def test_help_to_a_reader_that_goes_away_ends_quietly(repo_env: RepoEnv) -> None:
+    """`backyfs --help | head -1`: 141 and no traceback, as for any other output."""
+    for args in (["--help"], ["backup", "--help"], ["--version"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            proc = subprocess.run([BACKYFS, *args], env=repo_env.env, stdout=write_end,
+                                  stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write_end)
+        assert (proc.returncode, proc.stderr) == (141, ""), args
 
 
 def test_a_reader_that_goes_away_ends_output_quietly(repo_env: RepoEnv, image: Path) -> None:

@@ -48,7 +48,11 @@ def test_gc_deletes_only_unreferenced_blocks_in_two_phases(tmp_path):
     repo.delete_version(v1)
     first = collect_garbage(repo)
     assert (first.condemned, first.deleted) == (1, 0)  # b condemned, not yet deleted
+    preview = collect_garbage(repo, dry_run=True)  # says what the next run does, and does nothing
+    assert (preview.deleted, preview.deleted_bytes) == (1, repo.db.block_info([block_digest(b)])
+                                                        [block_digest(b)][0])
     second = collect_garbage(repo)
+    assert (second.deleted, second.deleted_bytes) == (preview.deleted, preview.deleted_bytes)
     assert second.deleted == 1 and second.deleted_bytes > 4 * MiB
     assert not repo.store.exists(block_key(block_digest(b)))
     out = tmp_path / "out"

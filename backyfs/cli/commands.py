@@ -32,6 +32,10 @@ class DataProblem(BackyfsError):
     """Work finished, but found damaged data (exit code 3)."""
 
 
+class UsageError(BackyfsError):
+    """The command line asks for something impossible; nothing was done (exit code 2)."""
+
+
 def _repo(args: argparse.Namespace, **limits: float | None):
     return open_repository(load_config(args.config), **limits)
 
@@ -41,7 +45,7 @@ def _labels(pairs: list[str]) -> dict[str, str]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise BackyfsError(f"bad label {pair!r}: use key=value")
+            raise UsageError(f"bad label {pair!r}: use key=value")
         out[key] = value
     return out
 
@@ -82,7 +86,7 @@ def _open_backup(args: argparse.Namespace):
     from backyfs.sources import start_source, takes_snapshots
 
     if (args.pre_snapshot or args.post_snapshot) and not takes_snapshots(args.source):
-        raise BackyfsError("--pre-snapshot/--post-snapshot need a source that snapshots (rbd:POOL/IMAGE)")
+        raise UsageError("--pre-snapshot/--post-snapshot need a source that snapshots (rbd:POOL/IMAGE)")
     opening = start_source(args.source, pre_cmd=args.pre_snapshot, post_cmd=args.post_snapshot)
     try:
         opening.wait_loaded()
@@ -185,7 +189,7 @@ def _scrub_versions(repo, args: argparse.Namespace) -> list:
     if args.all:
         return [v for v in repo.db.versions() if v.state != "pending"]
     if not args.version:
-        raise BackyfsError("name a VERSION or give --all")
+        raise UsageError("name a VERSION or give --all")
     return [repo.resolve(args.version)]
 
 
@@ -193,7 +197,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     from backyfs.repository.scrub import scrub
 
     if not 0 < args.percent <= 100:
-        raise BackyfsError("--percent must be in (0, 100]")
+        raise UsageError("--percent must be in (0, 100]")
     repo = _repo(args)
     versions = _scrub_versions(repo, args)
     deep = args.command == "deep-scrub"
@@ -426,10 +430,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result.__dict__)
         return 0
-    verb = "would delete" if args.dry_run else "deleted"
-    print(f"gc: {verb} {result.deleted} objects ({result.deleted_bytes / 2**20:,.1f} MiB), "
-          f"condemned {result.condemned} newly unreferenced, revived {result.revived}, "
-          f"{result.waiting} waiting for running backups")
+    would = "would " if args.dry_run else ""
+    print(f"gc: {would}{'delete' if would else 'deleted'} {result.deleted} objects "
+          f"({result.deleted_bytes / 2**20:,.1f} MiB), {would}{'condemn' if would else 'condemned'} "
+          f"{result.condemned} newly unreferenced, {would}{'revive' if would else 'revived'} "
+          f"{result.revived}, {result.waiting} waiting for running backups")
     if result.foreign:
         print(f"gc: the store holds {len(result.foreign)} version(s) this database does not know "
               f"(another host's, or left out by rebuild-db: {', '.join(result.foreign[:3])}): "
@@ -444,7 +449,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     policy = Policy(args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
     if policy.empty():
-        raise BackyfsError("give at least one --keep-* rule")
+        raise UsageError("give at least one --keep-* rule")
     repo = _repo(args)
     volumes = [args.volume] if args.volume else sorted({v.volume for v in repo.db.versions()})
     for volume in volumes:

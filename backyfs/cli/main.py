@@ -75,7 +75,10 @@ def _command_word(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(_command_word(sys.argv[1:] if argv is None else argv))
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except BrokenPipeError as exc:  # `backyfs --help | head`
+        return _broken_pipe(exc)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="backyfs: %(levelname)s: %(message)s")
     try:
@@ -85,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except commands.DataProblem as exc:
         print(f"backyfs: {exc}", file=sys.stderr)
         return EXIT_DATA
+    except commands.UsageError as exc:
+        print(f"backyfs: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BackyfsError as exc:
         print(f"backyfs: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -92,12 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         print("backyfs: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError as exc:
-        if not _stdout_reader_gone():
-            print(f"backyfs: error: {exc.strerror}", file=sys.stderr)
-            return EXIT_ERROR
-        # `backyfs ls | head`: the reader has what it wanted; end quietly, as cat and ls do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return EXIT_BROKEN_PIPE
+        return _broken_pipe(exc)
+    except UnicodeEncodeError as exc:  # a name that is not UTF-8 (SQLite and the store keys need it)
+        print(f"backyfs: error: not valid UTF-8 text: {ascii(exc.object)}", file=sys.stderr)
+        return EXIT_ERROR
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"backyfs: error: {exc.strerror or exc}{where}", file=sys.stderr)
@@ -110,6 +114,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"backyfs: error: {what}: {exc or type(exc).__name__}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _broken_pipe(exc: BrokenPipeError) -> int:
+    if not _stdout_reader_gone():
+        print(f"backyfs: error: {exc.strerror}", file=sys.stderr)
+        return EXIT_ERROR
+    # `backyfs ls | head`: the reader has what it wanted; end quietly, as cat and ls do.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    return EXIT_BROKEN_PIPE
 
 
 def _stdout_reader_gone() -> bool:

@@ -9,6 +9,7 @@ import os
 import re
 import tempfile
 
+from backyfs.cli.commands import UsageError
 from backyfs.config import load_config
 from backyfs.errors import BackyfsError
 from backyfs.export.overlay import check_overlay_name
@@ -33,7 +34,7 @@ is unmounted automatically (auto_unmount)."""
 
 def cmd_mount(args: argparse.Namespace) -> int:
     if args.overlay and not args.writable:
-        raise BackyfsError("--overlay needs --writable (a read-only mount shows the backups)")
+        raise UsageError("--overlay needs --writable (a read-only mount shows the backups)")
     overlay = check_overlay_name(args.overlay or "default")
     mountpoint = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mountpoint):
@@ -41,6 +42,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if _backyfs_mounted(mountpoint):  # a second mount would hide the first one, still running
         raise BackyfsError(f"backyfs is already mounted on {mountpoint}; unmount it first: "
                            f"fusermount3 -u {mountpoint}")
+    if os.listdir(mountpoint):  # the mount would hide what is in it
+        raise BackyfsError(f"mount point {mountpoint} is not empty")
     cfg = load_config(args.config)
     if args.foreground:
         _serve(cfg, mountpoint, args, overlay, ready=None)

@@ -18,8 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from backyfs.cli.commands import UsageError
 from backyfs.config import Config, load_config
 from backyfs.errors import BackyfsError, NotFound
+from backyfs.export.overlay import check_overlay_name
 
 PLUGIN_ENV = "BACKYFS_NBD_PLUGIN"  # overrides where the plugin script is looked for
 # nbdkit threads per connection. Every request needs the GIL, and a thread whose 4 MiB reply waits
@@ -121,7 +123,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     """PORT (loopback), HOST:PORT or [V6]:PORT."""
     match = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]:|([^:\[\]]+):)?(\d{1,5})", text.strip())
     if not match or not 0 < int(match.group(3)) < 65536:
-        raise BackyfsError(f"bad --listen {text!r}: use PORT, HOST:PORT or [IPV6]:PORT")
+        raise UsageError(f"bad --listen {text!r}: use PORT, HOST:PORT or [IPV6]:PORT")
     return match.group(1) or match.group(2) or "127.0.0.1", int(match.group(3))
 
 
@@ -302,13 +304,15 @@ def check_exports(cfg: Config, names: list[str]) -> list[tuple[str, str]]:
 def make_plan(args: argparse.Namespace) -> Plan:
     cfg = load_config(args.config)
     if args.overlay != "default" and not args.writable:
-        raise BackyfsError("--overlay needs --writable")
+        raise UsageError("--overlay needs --writable")
+    check_overlay_name(args.overlay)  # before nbdkit starts, which would only fail at the first client
+    args.exports = list(dict.fromkeys(args.exports))  # `serve vm1 vm1` serves vm1 once
     exports = check_exports(cfg, args.exports)
     run_dir = os.path.join(cfg.data_dir, "run")
     if args.listen:
         host, port = parse_listen(args.listen)
         if not args.tls_psk and not _is_loopback(host):
-            raise BackyfsError(f"serving on {host} without --tls-psk would give every backup to the "
+            raise UsageError(f"serving on {host} without --tls-psk would give every backup to the "
                                "network: add --tls-psk FILE, or listen on loopback")
         endpoint = Endpoint(host=host, port=port)
         base = os.path.join(run_dir, f"nbd-tcp-{port}")
@@ -460,7 +464,8 @@ names its index and offset); the rest of the disk stays readable.
 By default the server listens on the unix socket DATA/run/nbd.sock (mode 0600), forks into the
 background and prints the NBD URLs and a qemu command line. --foreground keeps it attached. Stop
 it with SIGTERM or SIGINT (kill PID, Ctrl-C): the socket and pid file are removed. A background
-server logs to DATA/run/nbd.log.
+server logs beside its socket (DATA/run/nbd.log; SOCKET without .sock plus .log with --socket;
+DATA/run/nbd-tcp-PORT.log with --listen).
 
 --listen serves TCP, on 127.0.0.1 unless a HOST is given: any other address exposes the backups
 to the network, so it needs --tls-psk, which requires TLS with a pre-shared key. A missing

@@ -73,11 +73,12 @@ def _collect(repo: Repository, dry_run: bool, alone: bool) -> GcResult:
     result.revived, result.waiting = len(revive), len(condemned) - len(revive) - len(doomed)
     fresh = known - referenced - {d for d, _ in condemned}
     result.condemned = len(fresh)
-    if dry_run:
+    sizes = repo.db.block_info(doomed)
+    if dry_run:  # what this run would do, counted the same way
         result.deleted = len(doomed)
+        result.deleted_bytes = sum(sizes.get(d, (0, ""))[0] for d in doomed)
         return result
     repo.db.mark_blocks(revive, "ok")
-    sizes = repo.db.block_info(doomed)
     for digest in doomed:
         repo.store.delete(block_key(digest))
         result.deleted += 1
