@@ -281,6 +281,42 @@ def test_corrupt_filesystem_gives_a_clean_error(repo_env, tmp_path):
     assert (tmp_path / "out" / "lost+found").is_dir()  # the rest was restored
 
 
+def test_a_file_in_a_damaged_block_is_not_left_half_written(repo_env, tmp_path):
+    """A file whose data meets a corrupt block: exit 3, the error said once, and no partial file
+    that passes for the real one. Files in intact blocks still come out, also of the version a
+    deep-scrub then marks invalid (as `restore` restores what is intact)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small.txt").write_text("intact\n")
+    big = os.urandom(10 << 20)
+    (src / "big.bin").write_bytes(big)
+    image = make_ext(tmp_path / "fs.img", src, 16 << 20, "ext4", "-b", "4096")
+    uid = repo_env.backup(image, "fs")["uid"]
+    data = image.read_bytes()
+    start = data.index(big[:4096]) // (4 << 20) + 1  # a 4 MiB backup block wholly inside big.bin
+    obj = repo_env.block_object(data[start * (4 << 20) : (start + 1) * (4 << 20)])
+    obj.write_bytes(obj.read_bytes()[:-1] + b"X")
+    res = repo_env.call("restore-file", uid, "/big.bin", tmp_path / "big.bin")
+    assert res.rc == 3 and len(res.err_lines) == 1 and "big.bin" in res.err_lines[0], res.err
+    assert not (tmp_path / "big.bin").exists()
+    res = repo_env.call("restore-file", uid, "/", tmp_path / "all")
+    assert res.rc == 3 and sum("big.bin" in line for line in res.err_lines) == 1, res.err
+    assert not (tmp_path / "all" / "big.bin").exists()
+    assert (tmp_path / "all" / "small.txt").read_text() == "intact\n"
+    assert repo_env.call("deep-scrub", uid).rc == 3
+    assert repo_env.versions("fs")[0]["state"] == "invalid"
+    res = repo_env.call("restore-file", uid, "/small.txt", tmp_path / "small.txt")
+    assert res.rc == 0 and "is invalid" in res.err, res.err
+    assert (tmp_path / "small.txt").read_text() == "intact\n"
+
+
+def test_a_destination_that_cannot_be_written_is_an_error_not_damage(repo_env, tmp_path, ext4_version):
+    uid, _spec, _tree = ext4_version
+    res = repo_env.call("restore-file", f"{uid}:part2", "/bin/tool", tmp_path / "no" / "such" / "dir")
+    assert res.rc == 1 and len(res.err_lines) == 1 and "No such file or directory" in res.err, res.err
+    assert "restored" not in res.out
+
+
 # --- hostile images -----------------------------------------------------------------------------
 def _debugfs(image: Path, *commands: str) -> None:
     subprocess.run(["debugfs", "-w", "-f", "-", str(image)], input="\n".join(commands) + "\n",

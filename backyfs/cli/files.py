@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import stat
 import sys
 import time
+from collections.abc import Iterator
 
 from backyfs.cli.commands import DataProblem, _print_json
 from backyfs.config import load_config
@@ -23,6 +26,24 @@ of a running system) is replayed in memory first. Other filesystems (XFS, btrfs,
 the partition file of 'backyfs mount' instead. Exit code 3 if some entries could not be read."""
 
 
+@contextlib.contextmanager
+def _damage_is_data_problem(spec: str) -> Iterator[None]:
+    """A block of the backup that is missing or corrupt is damaged data (exit 3), said once: the
+    export core's own log line of it would repeat what the error says."""
+    from backyfs.export.device import BlockError
+
+    device_log = logging.getLogger("backyfs.export.device")
+    level = device_log.level
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        device_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except BlockError as exc:
+        raise DataProblem(f"cannot read {spec}: {exc}") from None
+    finally:
+        device_log.setLevel(level)
+
+
 def _open(args: argparse.Namespace):
     from backyfs.export.service import ExportService
     from backyfs.fronts.files import open_filesystem
@@ -35,10 +56,19 @@ def _open(args: argparse.Namespace):
         raise
     if fs.journal_note:
         print(f"backyfs: {label}: {fs.journal_note}", file=sys.stderr)
+    state = service.resolve(args.spec.partition(":")[0], valid_only=False).state
+    if state != "valid":
+        print(f"backyfs: warning: version {label} is {state}: files in its damaged blocks cannot be "
+              "read", file=sys.stderr)
     return service, fs, label
 
 
 def cmd_restore_file(args: argparse.Namespace) -> int:
+    with _damage_is_data_problem(args.spec):
+        return _restore_file(args)
+
+
+def _restore_file(args: argparse.Namespace) -> int:
     from backyfs.fronts.files import Restorer
 
     service, fs, label = _open(args)
@@ -51,31 +81,33 @@ def cmd_restore_file(args: argparse.Namespace) -> int:
             dest, into_existing = (os.path.join(dest, base), False) if base else (dest, True)
         if not into_existing and not args.force and os.path.lexists(dest):  # before writing anything
             raise BackyfsError(f"{dest} exists; use --force to overwrite it")
-        restorer = Restorer(fs, force=args.force,
-                            warn=lambda msg: print(f"backyfs: {msg}", file=sys.stderr))
-        result = restorer.restore(inode, dest, into_existing)
+        result = Restorer(fs, force=args.force).restore(inode, dest, into_existing)
     finally:
         service.close()
     for line in result.skipped:
         print(f"backyfs: skipped {line}", file=sys.stderr)
-    for line in result.errors:
+    failed = result.write_errors + result.errors
+    if failed and not (result.files or result.dirs or result.links):  # nothing at all: one line
+        raise (DataProblem if result.errors else BackyfsError)(f"cannot restore {failed[0]}")
+    for line in failed:
         print(f"backyfs: cannot restore {line}", file=sys.stderr)
     print(f"restored {args.path} from {label} to {dest}: {result.files} file(s), {result.dirs} "
           f"director{'y' if result.dirs == 1 else 'ies'}, {result.links} symlink(s), "
           f"{result.bytes / 2**20:,.1f} MiB")
-    if result.errors:
-        raise DataProblem(f"{len(result.errors)} entr{'y' if len(result.errors) == 1 else 'ies'} "
-                          "could not be restored")
+    if failed:  # not writable where asked is an error; unreadable in the backup is damaged data
+        what = f"{len(failed)} entr{'y' if len(failed) == 1 else 'ies'} could not be restored"
+        raise (BackyfsError if result.write_errors else DataProblem)(what)
     return 0
 
 
 def cmd_ls_files(args: argparse.Namespace) -> int:
-    service, fs, _label = _open(args)
-    try:
-        with corrupt_is_exterror():
-            rows = _listing(fs, args.path)
-    finally:
-        service.close()
+    with _damage_is_data_problem(args.spec):
+        service, fs, _label = _open(args)
+        try:
+            with corrupt_is_exterror():
+                rows = _listing(fs, args.path)
+        finally:
+            service.close()
     if args.json:
         _print_json(rows)
         return 0

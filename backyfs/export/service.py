@@ -39,10 +39,13 @@ class ExportService:
         # exclusive, so a second Overlay object would lock out the second NBD connection.
         self.overlays: dict[tuple[str, str], tuple[Overlay, int]] = {}
 
-    def resolve(self, name: str) -> Version:
+    def resolve(self, name: str, valid_only: bool = True) -> Version:
         if not _EXPORT_NAME_RE.fullmatch(name or ""):  # fullmatch: "$" would let a trailing \n in
             raise NotFound(f"invalid export name {name[:64]!r}")
-        return self.repo.resolve(name, valid_only=True)
+        version = self.repo.resolve(name, valid_only=valid_only)
+        if version.state == "pending":  # no block map yet: nothing to read
+            raise NotFound(f"version {version.uid} is pending (an unfinished backup)")
+        return version
 
     def list_exports(self) -> list[tuple[str, str]]:
         """(name, description): every valid version by uid, and each volume by name (its latest)."""
@@ -54,9 +57,12 @@ class ExportService:
         out += [(vol, f"latest valid version of {vol}: {v.uid}") for vol, v in sorted(volumes.items())]
         return out
 
-    def open(self, name: str, writable: bool = False, overlay_name: str = "default") -> ExportDevice:
+    def open(self, name: str, writable: bool = False, overlay_name: str = "default",
+             valid_only: bool = True) -> ExportDevice:
+        """A device over a version; valid_only=False also opens an invalid one (blocks that are
+        missing or corrupt fail their reads), for copying out what is intact."""
         with self.lock:  # the metadata connection is shared; keep opens serial
-            version = self.resolve(name)
+            version = self.resolve(name, valid_only)
             blockmap = self.repo.blockmap(version)
         # Readahead lands in the memory cache: at most a quarter of it, or blocks go before they are read.
         readahead = min(READAHEAD_BLOCKS, (self.cfg.cache_memory_mb << 20) // (4 * version.block_size))

@@ -6,10 +6,10 @@ Nothing is mounted and nothing needs privileges: the version is read through the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backyfs.errors import BackyfsError, NotFound
@@ -37,7 +37,7 @@ class Window:
 def open_filesystem(service: ExportService, spec: str) -> tuple[ExtFS, str]:
     """SPEC is VERSION or VERSION:partN. Returns the filesystem and a label for messages."""
     name, _, part = spec.partition(":")
-    device = service.open(name)
+    device = service.open(name, valid_only=False)  # an invalid version's intact files are restorable
     v = device.version
     parts = find_partitions(device.pread, device.size)
     if part:
@@ -84,15 +84,17 @@ class RestoreResult:
     links: int = 0
     bytes: int = 0
     skipped: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # unreadable in the backup (damaged data)
+    write_errors: list[str] = field(default_factory=list)  # could not be written where asked
 
 
 class Restorer:
-    """Copies out of an ExtFS. Per-entry failures (a corrupt block, an unsupported file type) are
-    recorded and the rest is still restored."""
+    """Copies out of an ExtFS. Per-entry failures (a corrupt block, an unsupported file type, a
+    destination that cannot be written) are recorded and the rest is still restored; a file that
+    could not be copied whole is removed, never left looking complete."""
 
-    def __init__(self, fs: ExtFS, force: bool = False, warn: Callable[[str], None] = lambda _m: None) -> None:
-        self.fs, self.force, self.warn = fs, force, warn
+    def __init__(self, fs: ExtFS, force: bool = False) -> None:
+        self.fs, self.force = fs, force
         self.as_root = os.geteuid() == 0
         self.result = RestoreResult()
         self.top: str | None = None
@@ -108,10 +110,10 @@ class Restorer:
         try:
             with corrupt_is_exterror():
                 self._dispatch(inode, dest)
-        except (BackyfsError, OSError) as exc:
-            text = f"{dest}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
-            self.result.errors.append(text)
-            self.warn(text)
+        except OSError as exc:
+            self.result.write_errors.append(f"{dest}: {exc.strerror or exc}")
+        except BackyfsError as exc:
+            self.result.errors.append(f"{dest}: {exc}")
 
     def _dispatch(self, inode: Inode, dest: str) -> None:
         if inode.is_dir:
@@ -128,19 +130,29 @@ class Restorer:
         flags |= os.O_TRUNC if self.force else os.O_EXCL
         fd = os.open(dest, flags, 0o600)
         try:
-            for offset, data in self.fs.ranges(inode):
-                view = memoryview(data)
-                while view:
-                    n = os.pwrite(fd, view, offset)
-                    view, offset = view[n:], offset + n
-                self.result.bytes += len(data)
-            os.ftruncate(fd, inode.size)  # the tail and holes stay sparse
+            written = self._copy(inode, fd)
             self._owner(dest, inode, fd)
             os.fchmod(fd, stat.S_IMODE(inode.mode))
             os.utime(fd, ns=(inode.atime_ns, inode.mtime_ns))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(dest)  # a partial copy must not pass for the file
+            raise
         finally:
             os.close(fd)
+        self.result.bytes += written
         self.result.files += 1
+
+    def _copy(self, inode: Inode, fd: int) -> int:
+        written = 0
+        for offset, data in self.fs.ranges(inode):
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+            written += len(data)
+        os.ftruncate(fd, inode.size)  # the tail and holes stay sparse
+        return written
 
     def _dir(self, inode: Inode, dest: str) -> None:
         if inode.ino in self.dirs_seen:  # a damaged or hostile image: it would recurse forever
