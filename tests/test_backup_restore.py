@@ -285,3 +285,35 @@ def test_rebuild_db_marks_a_version_with_missing_blocks_invalid(repo_env: RepoEn
     assert len(res.err_lines) == 1 and v1 in res.err, res.err
     assert "1 blocks missing: marked invalid" in res.err, res.err
     assert [(v["uid"], v["state"]) for v in repo_env.versions()] == [(v1, "invalid")]
+
+
+def test_rm_refuses_a_version_with_overlays_unless_forced(repo_env: RepoEnv, tmp_path: Path) -> None:
+    """Writes made on top of a version (an overlay) would be orphaned by rm: refused, or with
+    --force discarded too. An overlay orphaned anyway (by an older backyfs) is still discarded by a
+    uid prefix."""
+    from backyfs.export.overlay import list_overlays
+    from backyfs.export.service import ExportService
+
+    img = write_image(tmp_path / "disk.img", ["rand", "hole", "text"])
+    first, second = (repo_env.backup(img, "vm")["uid"] for _ in range(2))
+    cfg = load_config(None)
+    service = ExportService(cfg)
+    try:
+        for uid in (first, second):
+            device = service.open(uid, writable=True, overlay_name="scratch")
+            device.pwrite(b"written by a test VM", 4096)
+            device.close()
+    finally:
+        service.close()
+    res = repo_env.call("rm", first)
+    assert res.rc == 1 and "has overlays (scratch)" in res.err, res.err
+    assert first in {v["uid"] for v in repo_env.versions()}
+    res = repo_env.ok("rm", first, "--force")
+    assert f"discarded overlay scratch of version {first}" in res.out
+    assert [o.version_uid for o in list_overlays(cfg.overlay_dir)] == [second]
+
+    repo = open_repository(cfg)  # the version goes without rm's check, as before this was one
+    repo.delete_version(repo.resolve(second), force=True)
+    repo.close()
+    repo_env.ok("overlay", "discard", second[:6], "--name", "scratch")
+    assert list_overlays(cfg.overlay_dir) == []

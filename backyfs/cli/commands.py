@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from backyfs.cli import helptext
 from backyfs.cli.progress import Progress
-from backyfs.errors import BackyfsError
+from backyfs.errors import BackyfsError, StateError
 
 # Imported by the commands when they run, not with the parser: an RBD backup starts loading librbd and
 # connecting (sources.OpeningSource) right after parsing, so what comes before that is kept short.
@@ -267,10 +267,22 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    repo = _repo(args)
+    from backyfs.export.overlay import discard_overlay, list_overlays
+
+    cfg = load_config(args.config)
+    repo = open_repository(cfg)
     version = repo.resolve(args.version)
     if version.uid != args.version and not args.version.startswith(version.uid[:4]):
         raise BackyfsError(f"rm needs a version uid, not a volume name ({args.version!r})")
+    # An overlay holds writes made on top of this version: they would be left with nothing under them.
+    overlays = [o.name for o in list_overlays(cfg.overlay_dir) if o.version_uid == version.uid]
+    if overlays and not args.force:
+        raise StateError(f"version {version.uid} has overlays ({', '.join(overlays)}): commit or "
+                         "discard them first (backyfs overlay), or rm --force to discard them too")
+    repo.db.check_deletable(version.uid, force=args.force)
+    for name in overlays:
+        discard_overlay(cfg.overlay_dir, version.uid, name)  # refused while a server uses it
+        print(f"discarded overlay {name} of version {version.uid}")
     repo.delete_version(version, force=args.force)
     print(f"removed version {version.uid} of {version.volume}")
     return 0
@@ -408,7 +420,8 @@ def _register_versions(add: AddCommand) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p = add("rm", cmd_rm, "remove a version (its blocks stay until garbage collection)", helptext.RM)
     p.add_argument("version", metavar="VERSION", help="uid or unique uid prefix (not a volume name)")
-    p.add_argument("--force", action="store_true", help="remove even a protected version")
+    p.add_argument("--force", action="store_true",
+                   help="remove even a protected version, and discard the version's overlays")
     for name in ("protect", "unprotect"):
         add(name, cmd_protect, f"{name} a version against rm and prune",
             helptext.PROTECT).add_argument("version", metavar="VERSION", help=helptext.VERSION)

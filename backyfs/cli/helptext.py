@@ -89,8 +89,9 @@ the backup's statistics (bytes read, stored, deduplicated, seconds) and the allo
 
 RM = """\
 Remove a version by its uid (or a unique prefix; not a volume name, to avoid removing the latest
-one by accident). Protected versions need --force. Its blocks stay in the store until gc finds
-no other version using them."""
+one by accident). A protected version, or one with overlays (writes made through a writable
+serve or mount, see 'backyfs overlay ls'), is refused unless --force, which also discards those
+overlays. Its blocks stay in the store until gc finds no other version using them."""
 
 PROTECT = """\
 Protect a version against rm and prune (unprotect lifts it). The flag is kept in the store's

@@ -20,6 +20,10 @@ def _overlay_version(cfg: Config, spec: str) -> str:
 
     if re.fullmatch(r"[0-9a-f]{12}", spec) and os.path.isdir(os.path.join(cfg.overlay_dir, spec)):
         return spec
+    if re.fullmatch(r"[0-9a-f]{4,11}", spec) and os.path.isdir(cfg.overlay_dir):  # a uid prefix
+        found = [uid for uid in os.listdir(cfg.overlay_dir) if uid.startswith(spec)]
+        if len(found) == 1 and re.fullmatch(r"[0-9a-f]{12}", found[0]):
+            return found[0]
     repo = open_repository(cfg)
     try:
         return repo.resolve(spec).uid

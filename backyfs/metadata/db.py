@@ -162,7 +162,7 @@ class MetadataDB:
 
     def check_deletable(self, uid: str, force: bool = False) -> None:
         if self.get_version(uid).protected and not force:
-            raise StateError(f"version {uid} is protected; unprotect it first")
+            raise StateError(f"version {uid} is protected; unprotect it first (or rm --force)")
 
     def delete_version(self, uid: str, force: bool = False) -> None:
         self.check_deletable(uid, force)
