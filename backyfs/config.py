@@ -4,7 +4,7 @@ The embedded default keeps everything in one data directory ($BACKYFS_DATA_DIR, 
 /var/lib/backyfs for root and ~/.local/share/backyfs for other users): the store in store/, the
 metadata in backyfs.sqlite, the read cache in cache/.
 
-    data_dir = "/var/lib/backyfs"
+    data_dir = "/var/lib/backyfs"    # relative: to this file's directory
     block_size = "4MiB"        # for new volumes
     threads = 4                # parallel reads, hashes and writes
     compression_level = 1      # zstd level; 0 stores raw
@@ -55,8 +55,10 @@ def parse_size(text: str | int) -> int:
 
 
 def default_data_dir() -> str:
-    if os.environ.get(ENV_DATA_DIR):
-        return os.environ[ENV_DATA_DIR]
+    if ENV_DATA_DIR in os.environ:
+        if not os.environ[ENV_DATA_DIR].strip():  # set but empty: a script's missing variable
+            raise ConfigError(f"${ENV_DATA_DIR} is set but empty")
+        return os.path.abspath(os.environ[ENV_DATA_DIR])
     if os.geteuid() == 0:
         return "/var/lib/backyfs"
     return os.path.join(os.path.expanduser("~"), ".local", "share", "backyfs")
@@ -163,7 +165,9 @@ def _from_dict(raw: dict, path: str) -> Config:
     if "data_dir" in raw:
         if not raw["data_dir"].strip():
             raise ConfigError(f"{where}: data_dir must not be empty")
-        cfg.data_dir = os.path.expanduser(raw["data_dir"])
+        # A relative data_dir is the config file's neighbour, not wherever the command runs.
+        here = os.path.dirname(os.path.abspath(path))
+        cfg.data_dir = os.path.join(here, os.path.expanduser(raw["data_dir"]))
     try:
         cfg.block_size = parse_size(raw.get("block_size", cfg.block_size))
     except ConfigError as exc:
@@ -252,10 +256,22 @@ def open_store(cfg: Config, *, read_mb_s: float | None = None, write_mb_s: float
     return store
 
 
+def require_repository(cfg: Config) -> None:
+    """Commands that read a repository refuse a data directory without one: a typo in --config or
+    $BACKYFS_DATA_DIR must not show an empty new repository as if the backups were gone."""
+    if not os.path.isfile(cfg.db_path):
+        raise ConfigError(f"no repository in {cfg.data_dir} (no {os.path.basename(cfg.db_path)}): check "
+                          f"--config and ${ENV_DATA_DIR}; 'backyfs init' or a first backup makes one, "
+                          "'backyfs rebuild-db' recovers one from its store")
+
+
 def open_repository(cfg: Config, **limits: float | None):
     from backyfs.metadata.db import MetadataDB
     from backyfs.repository.repo import Repository
 
-    os.makedirs(cfg.data_dir, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(cfg.data_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot use data directory {cfg.data_dir}: {exc.strerror}") from None
     store = open_store(cfg, **limits)
     return Repository(store, MetadataDB(cfg.db_path), cfg.compression_level)

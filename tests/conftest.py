@@ -107,6 +107,8 @@ class RepoEnv:
         return self.ok("backup", source, volume, "--json", *args).json()  # type: ignore[return-value]
 
     def versions(self, volume: str | None = None) -> list[dict]:
+        if not self.db_path.exists():  # no repository yet (ls refuses a data dir without one)
+            return []
         return self.ok("ls", "--json", *([volume] if volume else [])).json()  # type: ignore[return-value]
 
     def stats(self) -> dict:

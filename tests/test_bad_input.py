@@ -465,3 +465,30 @@ def test_restore_refuses_a_mounted_device(repo_env: RepoEnv, image: Path, with_v
             assert f.read(image.stat().st_size) == image.read_bytes()
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_a_data_dir_without_a_repository_is_an_error_not_an_empty_one(tmp_path: Path) -> None:
+    """A typo in $BACKYFS_DATA_DIR must not look like a repository whose backups are gone, nor
+    create one; an empty variable is not the default."""
+    typo = tmp_path / "no-such-repo"
+    env = {**os.environ, "BACKYFS_DATA_DIR": str(typo)}
+    env.pop("BACKYFS_CONFIG", None)
+    for args in (["ls"], ["show", "vm"], ["serve", "vm"], ["stats"], ["restore-file", "vm", "/", "x"]):
+        proc = subprocess.run([BACKYFS, *args], env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, (args, proc.stderr)
+        assert f"no repository in {typo}" in proc.stderr
+    assert not typo.exists()
+    proc = subprocess.run([BACKYFS, "ls"], env={**env, "BACKYFS_DATA_DIR": ""}, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "BACKYFS_DATA_DIR is set but empty" in proc.stderr
+
+
+def test_a_relative_data_dir_is_relative_to_the_config_file(tmp_path: Path, image: Path) -> None:
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    (conf_dir / "backyfs.toml").write_text('data_dir = "repo"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKYFS_")}
+    env["BACKYFS_CONFIG"] = str(conf_dir / "backyfs.toml")
+    subprocess.run([BACKYFS, "backup", str(image), "vm"], env=env, cwd="/", check=True,
+                   capture_output=True, timeout=120)
+    assert (conf_dir / "repo" / "backyfs.sqlite").is_file()

@@ -36,8 +36,18 @@ class UsageError(BackyfsError):
     """The command line asks for something impossible; nothing was done (exit code 2)."""
 
 
-def _repo(args: argparse.Namespace, **limits: float | None):
-    return open_repository(load_config(args.config), **limits)
+def _repo(args: argparse.Namespace, create: bool = False, **limits: float | None):
+    """The configured repository; one that does not exist yet is made only with create."""
+    cfg = load_config(args.config)
+    if not create:
+        require_repository(cfg)
+    return open_repository(cfg, **limits)
+
+
+def require_repository(cfg) -> None:
+    from backyfs.config import require_repository
+
+    require_repository(cfg)
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -270,6 +280,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from backyfs.export.overlay import discard_overlay, list_overlays
 
     cfg = load_config(args.config)
+    require_repository(cfg)
     repo = open_repository(cfg)
     version = repo.resolve(args.version)
     if version.uid != args.version and not args.version.startswith(version.uid[:4]):
@@ -323,7 +334,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild_db(args: argparse.Namespace) -> int:
-    repo = _repo(args)
+    repo = _repo(args, create=True)
     if repo.db.versions():
         raise BackyfsError(f"{repo.db.path} is not empty; move it aside to rebuild it from the store")
     result = repo.rebuild_db()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 
 from backyfs.cli.commands import DataProblem, _print_json
-from backyfs.config import load_config
+from backyfs.config import load_config, require_repository
 from backyfs.errors import BackyfsError
 from backyfs.fronts.extfs import corrupt_is_exterror
 
@@ -48,7 +48,9 @@ def _open(args: argparse.Namespace):
     from backyfs.export.service import ExportService
     from backyfs.fronts.files import open_filesystem
 
-    service = ExportService(load_config(args.config))
+    cfg = load_config(args.config)
+    require_repository(cfg)
+    service = ExportService(cfg)
     try:
         fs, label = open_filesystem(service, args.spec)
     except BaseException:

@@ -10,7 +10,7 @@ import re
 import tempfile
 
 from backyfs.cli.commands import UsageError
-from backyfs.config import load_config
+from backyfs.config import load_config, require_repository
 from backyfs.errors import BackyfsError
 from backyfs.export.overlay import check_overlay_name
 
@@ -45,6 +45,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if os.listdir(mountpoint):  # the mount would hide what is in it
         raise BackyfsError(f"mount point {mountpoint} is not empty")
     cfg = load_config(args.config)
+    require_repository(cfg)
     if args.foreground:
         _serve(cfg, mountpoint, args, overlay, ready=None)
         return 0

@@ -16,7 +16,7 @@ from backyfs.errors import NotFound
 def _overlay_version(cfg: Config, spec: str) -> str:
     """A version uid for an overlay: the exact uid if such an overlay exists (even for a version that
     is gone or invalid), else what SPEC resolves to."""
-    from backyfs.config import open_repository
+    from backyfs.config import open_repository, require_repository
 
     if re.fullmatch(r"[0-9a-f]{12}", spec) and os.path.isdir(os.path.join(cfg.overlay_dir, spec)):
         return spec
@@ -24,6 +24,7 @@ def _overlay_version(cfg: Config, spec: str) -> str:
         found = [uid for uid in os.listdir(cfg.overlay_dir) if uid.startswith(spec)]
         if len(found) == 1 and re.fullmatch(r"[0-9a-f]{12}", found[0]):
             return found[0]
+    require_repository(cfg)
     repo = open_repository(cfg)
     try:
         return repo.resolve(spec).uid

@@ -287,8 +287,10 @@ class Plan:
 
 def check_exports(cfg: Config, names: list[str]) -> list[tuple[str, str]]:
     """(name, uid) of each EXPORT argument, or of each volume when none are named."""
+    from backyfs.config import require_repository
     from backyfs.export.service import ExportService
 
+    require_repository(cfg)
     service = ExportService(cfg)
     try:
         if names:
