@@ -76,3 +76,19 @@ def test_monitor_reports_a_hung_run_and_forgets_removed_jobs(tmp_path, capsys):
     rows = {r["job"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["good"]["status"] == "hung"
     assert "removed-from-config" not in rows
+
+
+def test_a_job_with_bad_args_is_a_failed_run(tmp_path, capsys):
+    """A typo in a job's `args` is recorded as a failed run (the monitor goes red), in one line,
+    not a usage screen that leaves the job looking as if it never ran."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(MiB))
+    cfg = _config(tmp_path, image)
+    with open(cfg, "a") as f:
+        f.write(f'[jobs.typo]\nsource = "{image}"\nargs = ["--bogus"]\n')
+    assert main(["--config", cfg, "job", "run", "typo"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "job typo: bad args: unrecognized arguments: --bogus" in err, err
+    assert main(["--config", cfg, "jobs", "--json"]) == 3
+    rows = {r["job"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["typo"]["status"] == "failed" and "--bogus" in rows["typo"]["message"]

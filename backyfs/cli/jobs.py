@@ -9,6 +9,8 @@ running after max_age_hours) or is overdue, so a monitoring system can call it a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import time
@@ -32,6 +34,19 @@ def _backup_argv(name: str, job: dict) -> list[str]:
     return argv + ["--label", f"job={name}"] + [str(a) for a in job.get("args", [])]
 
 
+def _parse_job_argv(parser: argparse.ArgumentParser, argv: list[str], name: str) -> argparse.Namespace:
+    """The job's backup command line; a bad one (its `args` setting) is a failed run of the job
+    with argparse's complaint as the message, not a usage screen nobody reads under systemd."""
+    complaint = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(complaint):
+            return parser.parse_args(argv)
+    except SystemExit:
+        lines = complaint.getvalue().strip().splitlines()
+        reason = lines[-1].split(": error: ", 1)[-1] if lines else "cannot parse"
+        raise ConfigError(f"job {name}: bad args: {reason}") from None
+
+
 def cmd_job_run(args: argparse.Namespace) -> int:
     from backyfs.cli.main import build_parser
     from backyfs.repository.retention import Policy, versions_to_remove
@@ -39,13 +54,16 @@ def cmd_job_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     job = _job(cfg, args.name)
     config_argv = ["--config", args.config] if args.config else []
-    backup_args = build_parser().parse_args(config_argv + _backup_argv(args.name, job))
     repo = open_repository(cfg)
     run_id = repo.db.start_job_run(args.name, os.getpid())
     try:
+        backup_args = _parse_job_argv(build_parser(), config_argv + _backup_argv(args.name, job), args.name)
         version, _parent = run_backup(backup_args)
     except BaseException as exc:
-        message = str(exc) if isinstance(exc, BackyfsError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, KeyboardInterrupt):
+            message = "interrupted"
+        else:
+            message = str(exc) if isinstance(exc, BackyfsError) else f"{type(exc).__name__}: {exc}"
         repo.db.finish_job_run(run_id, False, None, message)
         raise
     repo.db.finish_job_run(run_id, True, version.uid, "")
