@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from backyfs.cli import helptext
 from backyfs.cli.progress import Progress
-from backyfs.errors import BackyfsError, StateError
+from backyfs.errors import BackyfsError, NotFound, StateError
 
 # Imported by the commands when they run, not with the parser: an RBD backup starts loading librbd and
 # connecting (sources.OpeningSource) right after parsing, so what comes before that is kept short.
@@ -270,10 +270,21 @@ def cmd_show(args: argparse.Namespace) -> int:
         _print_json(data)
         return 0
     for key, value in data.items():
-        if key in ("created", "heartbeat") and isinstance(value, (int, float)):  # epoch seconds in JSON
-            value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
-        print(f"{key:>16}: {value}")
+        print(f"{key:>16}: {_shown(key, value)}")
     return 0
+
+
+def _shown(key: str, value: object) -> str:
+    """A field of `show` for people: times as dates, maps as key=value, nothing as '-'."""
+    if key in ("created", "heartbeat") and isinstance(value, (int, float)):  # epoch seconds in JSON
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+    return str(value)
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -433,9 +444,10 @@ def _register_versions(add: AddCommand) -> None:
     p.add_argument("version", metavar="VERSION", help="uid or unique uid prefix (not a volume name)")
     p.add_argument("--force", action="store_true",
                    help="remove even a protected version, and discard the version's overlays")
-    for name in ("protect", "unprotect"):
-        add(name, cmd_protect, f"{name} a version against rm and prune",
-            helptext.PROTECT).add_argument("version", metavar="VERSION", help=helptext.VERSION)
+    add("protect", cmd_protect, "protect a version against rm and prune",
+        helptext.PROTECT).add_argument("version", metavar="VERSION", help=helptext.VERSION)
+    add("unprotect", cmd_protect, "lift a version's protection against rm and prune",
+        helptext.UNPROTECT).add_argument("version", metavar="VERSION", help=helptext.VERSION)
     p = add("label", cmd_label, "set or remove labels of a version", helptext.LABEL)
     p.add_argument("version", metavar="VERSION", help=helptext.VERSION)
     p.add_argument("labels", metavar="KEY=VALUE", nargs="*", help="labels to set")
@@ -476,6 +488,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise UsageError("give at least one --keep-* rule")
     repo = _repo(args)
     volumes = [args.volume] if args.volume else sorted({v.volume for v in repo.db.versions()})
+    if args.volume and not repo.db.versions(volume=args.volume):
+        raise NotFound(f"unknown volume {args.volume!r}")
     for volume in volumes:
         for version in versions_to_remove(repo.db.versions(volume=volume), policy):
             if not args.dry_run:

@@ -97,6 +97,10 @@ PROTECT = """\
 Protect a version against rm and prune (unprotect lifts it). The flag is kept in the store's
 copy of the version's metadata too, so rebuild-db restores it."""
 
+UNPROTECT = """\
+Lift a version's protection (see protect): rm and prune may remove it again. The store's copy of
+the version's metadata is updated too."""
+
 LABEL = """\
 Set labels (KEY=VALUE) of a version, or remove them with --remove KEY; prints the labels after
 the change. Labels are free-form; jobs add job=NAME.

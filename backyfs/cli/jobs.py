@@ -135,7 +135,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Run the backup job [jobs.NAME] of the config, record the run for "
                        "`backyfs jobs`, and prune by the job's keep policy after a good run.")
     job_sub = p.add_subparsers(dest="job_command", metavar="ACTION", required=True)
-    run = job_sub.add_parser("run", help="run one job now")
+    run = job_sub.add_parser("run", help="run one job now", description=(
+        "Back up the source of [jobs.NAME] (its volume, labels and args), record the run for "
+        "'backyfs jobs', then remove the volume's versions its keep policy does not keep. "
+        "systemd's backyfs-backup@NAME.service runs this. A failed run exits non-zero and is "
+        "shown as failed by the monitor; an interrupted one leaves a pending version the next "
+        "run resumes."))
     run.add_argument("name", metavar="NAME", help="a [jobs.NAME] table of the config")
     run.set_defaults(func=cmd_job_run)
     p = sub.add_parser("jobs", help="job monitor: the last run of every job (exit 3 on trouble)",

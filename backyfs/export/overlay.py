@@ -54,7 +54,8 @@ class Overlay:
         self.version_uid, self.name = version_uid, name
         self.size, self.block_size = size, block_size
         self.block_count = -(-size // block_size)
-        busy = f"overlay {name} of {version_uid} is in use by another server"
+        busy = (f"overlay {name} of {version_uid} is in use by a running server (a writable serve or "
+                "mount: stop or unmount it first)")
         self._lock_fd = _lock_overlay_dir(self.path, busy)
         fds: list[int] = []
         try:
@@ -234,7 +235,8 @@ def discard_overlay(root: str, version_uid: str, name: str) -> None:
     path = os.path.join(root, version_uid, check_overlay_name(name))
     if not os.path.isdir(path):
         raise NotFound(f"no overlay {name!r} for version {version_uid}")
-    fd = _lock_overlay_dir(path, f"overlay {name} of {version_uid} is in use by a running server")
+    fd = _lock_overlay_dir(path, f"overlay {name} of {version_uid} is in use by a running server (a "
+                                 "writable serve or mount: stop or unmount it first)")
     try:  # locked until it is gone: a server opening it meanwhile gets a new, empty one
         trash = f"{path}.discarded.{time.time_ns()}"
         os.rename(path, trash)  # atomic: a crash mid-delete leaves no half overlay
