@@ -259,7 +259,7 @@ def open_store(cfg: Config, *, read_mb_s: float | None = None, write_mb_s: float
 def require_repository(cfg: Config) -> None:
     """Commands that read a repository refuse a data directory without one: a typo in --config or
     $BACKYFS_DATA_DIR must not show an empty new repository as if the backups were gone."""
-    if not os.path.isfile(cfg.db_path):
+    if not os.path.exists(cfg.db_path):
         raise ConfigError(f"no repository in {cfg.data_dir} (no {os.path.basename(cfg.db_path)}): check "
                           f"--config and ${ENV_DATA_DIR}; 'backyfs init' or a first backup makes one, "
                           "'backyfs rebuild-db' recovers one from its store")

@@ -388,3 +388,16 @@ def test_close_waits_for_running_readahead_before_closing_the_repository(tmp_pat
     time.sleep(0.6)  # a load left running would end (or fail) by now
     assert events[-1] == "repository closed", events
     assert events.count("read started") == events.count("read done")
+
+
+def test_an_overlay_without_writes_is_not_kept(service):
+    """A client that only reads a writable export (or lists its exports) leaves no overlay behind."""
+    version = service.repo.latest_valid("vol")
+    device = service.open(version.uid, writable=True, overlay_name="reader")
+    device.pread(0, 4096)
+    device.close()
+    assert list_overlays(service.cfg.overlay_dir) == []
+    device = service.open(version.uid, writable=True, overlay_name="writer")
+    device.pwrite(b"kept", 0)
+    device.close()
+    assert [o.name for o in list_overlays(service.cfg.overlay_dir)] == ["writer"]

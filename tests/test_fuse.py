@@ -287,7 +287,7 @@ def test_mount_reports_errors(tmp_path):
     assert not is_mounted(mnt)
     res = subprocess.run([BACKYFS, "mount", str(mnt), "--overlay", "x"], env=env, capture_output=True,
                          text=True, timeout=30)
-    assert res.returncode == 1 and "--writable" in res.stderr
+    assert res.returncode == 2 and "--writable" in res.stderr  # a usage error
 
 
 def test_ext4_partition_through_fuse_with_loop_free_reader(repo_env, tmp_path):

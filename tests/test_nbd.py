@@ -365,7 +365,7 @@ def test_serve_refuses_a_socket_path_that_is_a_file_and_open_tcp_without_tls(bk,
     assert victim.read_bytes() == b"precious"
     for listen in ("0.0.0.0:10809", "[::]:10809", "backup-host:10809"):
         proc = bk.run("serve", "--listen", listen, uid)
-        assert proc.returncode == 1 and "without --tls-psk" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "without --tls-psk" in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
 
 

@@ -143,8 +143,14 @@ class Overlay:
                 self._flushed = state
 
     def close(self) -> None:
-        for fd in (self.data_fd, self.state_fd, self.live_fd, self._lock_fd):
-            os.close(fd)
+        """Release the overlay. One that holds no write (a client that only read, or listed the
+        exports of a writable server) is removed: it would only clutter `overlay ls`."""
+        try:
+            if not any(self.state):  # every block CLEAN; still locked, so no server is using it
+                _remove_tree(self.path)
+        finally:
+            for fd in (self.data_fd, self.state_fd, self.live_fd, self._lock_fd):
+                os.close(fd)
 
 
 _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
@@ -238,13 +244,18 @@ def discard_overlay(root: str, version_uid: str, name: str) -> None:
     fd = _lock_overlay_dir(path, f"overlay {name} of {version_uid} is in use by a running server (a "
                                  "writable serve or mount: stop or unmount it first)")
     try:  # locked until it is gone: a server opening it meanwhile gets a new, empty one
-        trash = f"{path}.discarded.{time.time_ns()}"
-        os.rename(path, trash)  # atomic: a crash mid-delete leaves no half overlay
-        shutil.rmtree(trash)
+        _remove_tree(path)
     finally:
         os.close(fd)
-    parent = os.path.dirname(path)
+
+
+def _remove_tree(path: str) -> None:
+    """Remove an overlay directory its caller has locked, then the version's directory if that
+    was its last overlay."""
+    trash = f"{path}.discarded.{time.time_ns()}"
+    os.rename(path, trash)  # atomic: a crash mid-delete leaves no half overlay
+    shutil.rmtree(trash)
     try:
-        os.rmdir(parent)  # the version's last overlay
+        os.rmdir(os.path.dirname(path))
     except OSError:
         pass
