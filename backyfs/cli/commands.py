@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -106,6 +107,9 @@ def _open_backup(args: argparse.Namespace):
         volume = check_volume_name(args.volume)
         opening.snapshot()
         repo = open_repository(cfg, read_mb_s=None, write_mb_s=args.write_limit)
+        if re.fullmatch(r"[0-9a-f]{4,11}", volume) and not repo.db.versions(volume=volume):
+            raise UsageError(f"a new volume named with hex digits only ({volume!r}) would hide the "
+                             f"versions whose uids start so: add another letter, e.g. {volume}-disk")
         parent = _choose_parent(repo, args, volume)
         hints = None
         if args.hints:
