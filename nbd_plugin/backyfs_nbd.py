@@ -210,7 +210,8 @@ def pwrite(h: ExportDevice, buf: bytes, offset: int, flags: int) -> None:
 
 
 def zero(h: ExportDevice, count: int, offset: int, flags: int) -> None:
-    _write(h, lambda: h.zero(offset, count), flags)
+    # Without FLAG_MAY_TRIM (the client's NO_HOLE) the zeros must be allocated, not a hole.
+    _write(h, lambda: h.zero(offset, count, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM)), flags)
 
 
 def trim(h: ExportDevice, count: int, offset: int, flags: int) -> None:

@@ -493,3 +493,45 @@ def test_a_relative_data_dir_is_relative_to_the_config_file(tmp_path: Path, imag
     subprocess.run([BACKYFS, "backup", str(image), "vm"], env=env, cwd="/", check=True,
                    capture_output=True, timeout=120)
     assert (conf_dir / "repo" / "backyfs.sqlite").is_file()
+
+
+def test_an_overlay_on_a_full_disk_can_be_reopened_zeroed_and_committed(small_tmpfs: Path,
+                                                                        tmp_path: Path) -> None:
+    """The overlay's disk fills up (something else wrote to it): its writes must still come out.
+    Reopening once rewrote meta.json through a new file (ENOSPC); a zero whose partial head came
+    before the whole blocks it trims failed, though trimming first frees the space it needs."""
+    from backyfs.config import Config
+    from backyfs.export.service import ExportService, commit_overlay
+    from backyfs.repository.writer import BackupWriter
+    from backyfs.sources.file import FileSource
+
+    bs = 64 * 1024
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(8 * bs))
+    cfg = Config(data_dir=str(tmp_path / "data"), block_size=bs)
+    os.makedirs(cfg.data_dir)
+    os.symlink(small_tmpfs, cfg.overlay_dir)
+    service = ExportService(cfg)
+    try:
+        source = FileSource(str(image))
+        version = BackupWriter(service.repo, source, "vol", block_size=bs).run()
+        source.close()
+        device = service.open(version.uid, writable=True)
+        device.pwrite(b"\x01" * bs, 2 * bs)  # block 2 in the overlay
+        device.flush()
+        with open(small_tmpfs / "filler", "wb") as filler:  # the disk is full now
+            with pytest.raises(OSError):
+                while True:
+                    filler.write(os.urandom(1 << 20))
+                    filler.flush()
+        device.close()
+        device = service.open(version.uid, writable=True)
+        assert device.pread(2 * bs, 4) == b"\x01" * 4
+        device.zero(2 * bs - 10, bs + 10)  # block 1's tail (copied in: needs space), all of block 2
+        device.close()
+        expected = bytearray(image.read_bytes())
+        expected[2 * bs - 10 : 3 * bs] = bytes(bs + 10)
+        new = commit_overlay(service, version.uid)
+        assert service.open(new.uid).pread(0, new.size) == bytes(expected)
+    finally:
+        service.close()

@@ -401,3 +401,50 @@ def test_an_overlay_without_writes_is_not_kept(service):
     device.pwrite(b"kept", 0)
     device.close()
     assert [o.name for o in list_overlays(service.cfg.overlay_dir)] == ["writer"]
+
+
+def test_disk_cache_count_survives_a_read_racing_an_eviction(tmp_path, monkeypatch):
+    """A get() refreshing an old entry while a put() evicts it must not put it back in the index:
+    the count then said fewer bytes than the files held, and the bound no longer held."""
+    from backyfs.export import cache as cache_mod
+
+    size = 1000
+    cache = DiskCache(str(tmp_path / "dc"), 3 * size)
+    cache.TOUCH_INTERVAL = -1  # every hit refreshes its entry, as one idle for a minute does
+    digests = [bytes([i]) * 32 for i in range(8)]
+    for i in range(3):
+        cache.put(digests[i], bytes([i]) * size)
+    real_open = open
+
+    def racing_open(path, *args, **kwargs):  # while get() reads block 0, puts evict it
+        f = real_open(path, *args, **kwargs)
+        if path.endswith(digests[0].hex()) and not racing_open.done:
+            racing_open.done = True
+            for i in (3, 4, 5):
+                cache.put(digests[i], bytes([i]) * size)
+        return f
+
+    racing_open.done = False
+    monkeypatch.setattr(cache_mod, "open", racing_open, raising=False)
+    assert cache.get(digests[0]) == bytes(size)
+    monkeypatch.undo()
+    for i in (6, 7):
+        cache.put(digests[i], bytes([i]) * size)
+    on_disk = sum(p.stat().st_size for p in Path(cache.root).rglob("*") if p.is_file())
+    assert cache.total == on_disk == sum(n for n, _ in cache.index.values()) <= cache.max_bytes
+    assert all(os.path.exists(cache._path(hexd)) for hexd in cache.index)
+
+
+def test_prefetch_of_nothing_at_the_end_of_a_writable_device(tmp_path):
+    cfg = Config(data_dir=str(tmp_path / "data"), block_size=BS)
+    (tmp_path / "exact.img").write_bytes(os.urandom(4 * BS))  # a whole number of blocks
+    svc = ExportService(cfg)
+    try:
+        source = FileSource(str(tmp_path / "exact.img"))
+        BackupWriter(svc.repo, source, "exact", block_size=BS).run()
+        source.close()
+        device = svc.open("exact", writable=True)
+        device.prefetch(device.size, 0)  # was an IndexError past the overlay's last block
+        device.close()
+    finally:
+        svc.close()

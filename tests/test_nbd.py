@@ -177,7 +177,8 @@ def _writes(url: str) -> None:
                "write -P 0x66 100 50", "read -P 0x66 100 50",  # again into a block now in the overlay
                f"read -P 0x5a {BS - 1000} 3000",
                f"write -P 0x33 {4 * BS} {BS}",  # a whole block
-               f"write -z {3 * BS} {BS}",  # a whole zero block: trimmed
+               f"write -z -u {3 * BS} {BS}",  # a whole zero block that may be unmapped: trimmed
+               f"write -z {7 * BS} {BS}",  # without -u qemu asks NO_HOLE: zeros stored, no hole
                f"discard {6 * BS} {BS}",  # trimmed
                f"write -P 0x77 {len(LAYOUT) * BS + 10} 20",  # in the partial last block
                "flush")
@@ -190,6 +191,7 @@ def _expected(image: Path, out: Path) -> Path:
     nh.patch(out, 4 * BS, b"\x33" * BS)
     nh.patch(out, 3 * BS, bytes(BS))
     nh.patch(out, 6 * BS, bytes(BS))
+    nh.patch(out, 7 * BS, bytes(BS))
     nh.patch(out, len(LAYOUT) * BS + 10, b"\x77" * 20)
     return out
 
@@ -205,7 +207,8 @@ def test_writes_land_in_overlay_not_backup(bk, image, uid, tmp_path):
     finally:
         assert srv.stop()[0] == 0
     assert nh.same_bytes(tmp_path / "after.img", expected)
-    assert _hole_blocks(extents) == {2, 3, 5, 6}  # zeroed (3) and discarded (6) blocks: holes; 0 written
+    # Zeroed with may-unmap (3) and discarded (6) blocks are holes; 0 was written, 7 zeroed NO_HOLE.
+    assert _hole_blocks(extents) == {2, 3, 5, 6}
 
     assert nh.same_bytes(bk.restore(uid, tmp_path / "backup.img"), image)  # the backup is unchanged
     scrub = bk.run("deep-scrub", uid)
@@ -213,7 +216,7 @@ def test_writes_land_in_overlay_not_backup(bk, image, uid, tmp_path):
     assert re.search(r"checked [1-9]\d* objects of 1 version\(s\), 0 bad", scrub.stdout), scrub.stdout
     overlays = json.loads(bk.ok("overlay", "ls", "--json"))
     assert [(o["version"], o["name"]) for o in overlays] == [(uid, "default")]
-    assert overlays[0]["dirty_blocks"] == 4 and overlays[0]["trimmed_blocks"] == 2
+    assert overlays[0]["dirty_blocks"] == 5 and overlays[0]["trimmed_blocks"] == 2
 
     again = nh.copy_out(bk, uid, tmp_path / "again.img", "--writable")  # the overlay survives a restart
     assert nh.same_bytes(again, expected)

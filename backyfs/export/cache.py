@@ -90,6 +90,8 @@ class DiskCache:
         now = time.time()
         if now - entry[1] > self.TOUCH_INTERVAL:
             with self.lock:
+                if hexd not in self.index:  # evicted since (its file is gone): not back in the count
+                    return data
                 self.index[hexd] = (entry[0], now)
             try:
                 os.utime(self._path(hexd))

@@ -201,7 +201,9 @@ class ExportDevice:
     def prefetch(self, offset: int, length: int) -> None:
         """Start loading the blocks of a range into the memory cache (NBD_CMD_CACHE)."""
         self._check_range(offset, length)
-        first, last = offset // self.block_size, (offset + max(length, 1) - 1) // self.block_size
+        if not length:
+            return
+        first, last = offset // self.block_size, (offset + length - 1) // self.block_size
         self.fetcher.prefetch(self._clean_digests(first, last + 1))
 
     def pread_cached(self, offset: int, length: int) -> bytes | memoryview | None:
@@ -283,18 +285,25 @@ class ExportDevice:
                     block[start:end] = piece
                     overlay.write_block(block_idx, block)
 
-    def zero(self, offset: int, length: int) -> None:
-        """Zero a range: whole blocks become trimmed (no data kept), partial ones are written."""
+    def zero(self, offset: int, length: int, may_trim: bool = True) -> None:
+        """Zero a range: whole blocks become trimmed (no data kept) when may_trim, partial ones are
+        written. The whole blocks go first: on a full disk they free space the partial writes
+        may need. Without may_trim (NBD's NO_HOLE) whole blocks are written as zeros too."""
         self._check_range(offset, length)
         overlay = self._need_overlay()
+        partial = []
         for block_idx, start, end in self._pieces(offset, length):
-            if start == 0 and end == self.blockmap.block_length(block_idx):
+            if may_trim and start == 0 and end == self.blockmap.block_length(block_idx):
                 with self.stripes[block_idx % len(self.stripes)]:
                     overlay.trim_block(block_idx)
             else:
-                self.pwrite(bytes(end - start), block_idx * self.block_size + start)
+                partial.append((block_idx, start, end))
+        for block_idx, start, end in partial:
+            self.pwrite(self.zero_block[: end - start], block_idx * self.block_size + start)
 
-    trim = zero  # trimmed ranges read back as zeros, which NBD and FUSE both allow
+    def trim(self, offset: int, length: int) -> None:
+        """Trimmed ranges read back as zeros, which NBD and FUSE both allow."""
+        self.zero(offset, length)
 
     def flush(self) -> None:
         if self.overlay is not None:

@@ -81,6 +81,12 @@ class Overlay:
     def _write_meta(self) -> None:
         meta = {"version_uid": self.version_uid, "name": self.name, "size": self.size,
                 "block_size": self.block_size}
+        try:  # unchanged: not rewritten, so an overlay on a full disk can still be opened and committed
+            with open(os.path.join(self.path, "meta.json")) as f:
+                if json.load(f) == meta:
+                    return
+        except (OSError, ValueError):
+            pass
         tmp = os.path.join(self.path, "meta.json.tmp")
         with open(tmp, "w") as f:
             json.dump(meta, f)
