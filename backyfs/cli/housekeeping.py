@@ -1,0 +1,80 @@
+"""`backyfs gc` and `backyfs prune`: removing what no version needs, and versions no policy keeps."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from backyfs.cli import helptext
+from backyfs.cli.commands import UsageError, _print_json, _repo
+from backyfs.errors import NotFound
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from backyfs.repository.gc import collect_garbage
+
+    repo = _repo(args)
+    result = collect_garbage(repo, dry_run=args.dry_run)
+    if args.json:
+        _print_json(result.__dict__)
+        return 0
+    would = "would " if args.dry_run else ""
+    print(f"gc: {would}{'delete' if would else 'deleted'} {result.deleted} objects "
+          f"({result.deleted_bytes / 2**20:,.1f} MiB), {would}{'condemn' if would else 'condemned'} "
+          f"{result.condemned} newly unreferenced, {would}{'revive' if would else 'revived'} "
+          f"{result.revived}, {result.waiting} waiting for running backups")
+    if result.foreign:
+        print(f"gc: the store holds {len(result.foreign)} version(s) this database does not know "
+              f"(another host's, or left out by rebuild-db: {', '.join(result.foreign[:3])}): "
+              "nothing is deleted; run gc where one database knows every version", file=sys.stderr)
+    elif result.deferred:
+        print("gc: a backup is running: nothing is deleted until gc runs with none", file=sys.stderr)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from backyfs.repository.retention import Policy, versions_to_remove
+
+    policy = Policy(args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
+    if policy.empty():
+        raise UsageError("give at least one --keep-* rule")
+    repo = _repo(args)
+    volumes = [args.volume] if args.volume else sorted({v.volume for v in repo.db.versions()})
+    if args.volume and not repo.db.versions(volume=args.volume):
+        raise NotFound(f"unknown volume {args.volume!r}")
+    for volume in volumes:
+        for version in versions_to_remove(repo.db.versions(volume=volume), policy):
+            if not args.dry_run:
+                repo.delete_version(version)
+            print(f"{'would remove' if args.dry_run else 'removed'} {version.uid} of {volume}")
+    return 0
+
+
+def register_housekeeping(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gc", help="delete stored blocks no version references (safe during backups)",
+                       description=helptext.GC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=cmd_gc)
+    p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("prune", help="remove versions a keep-policy does not keep",
+                       description=helptext.PRUNE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=cmd_prune)
+    p.add_argument("volume", metavar="VOLUME", nargs="?", help="only this volume (default: all)")
+    for rule, what in (("last", "the N newest versions"), ("daily", "the newest of each of N days"),
+                       ("weekly", "the newest of each of N weeks"),
+                       ("monthly", "the newest of each of N months")):
+        p.add_argument(f"--keep-{rule}", type=_count, default=0, metavar="N", help=f"keep {what}")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+
+
+def _count(text: str) -> int:
+    """argparse type of a --keep-* rule: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
+    return value
+
+
