@@ -213,6 +213,34 @@ def test_rebuild_db_from_the_store(repo_env: RepoEnv, tmp_path: Path) -> None:
     assert again.rc == 1 and again.err.startswith("backyfs:")
 
 
+def test_a_rebuild_db_killed_midway_leaves_the_database_empty(repo_env: RepoEnv, tmp_path: Path) -> None:
+    """rebuild-db fills the database in one transaction: stopped in the middle (here after the
+    versions, before the object index) it leaves nothing, so running it again works. It used to
+    leave some versions, and the rerun refused the database as not empty."""
+    from backyfs.metadata.db import MetadataDB
+
+    img = write_image(tmp_path / "img", ["rand", "text"])
+    repo_env.backup(img, "vm")
+    repo_env.backup(img, "vm2")
+    repo_env.db_path.unlink()
+    repo = open_repository(load_config(None))
+    original = repo.db.add_blocks
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    repo.db.add_blocks = killed  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        repo.rebuild_db()
+    repo.db.add_blocks = original  # type: ignore[method-assign]
+    repo.close()
+    db = MetadataDB(str(repo_env.db_path))
+    assert db.versions() == []
+    db.close()
+    res = repo_env.ok("rebuild-db")
+    assert "2 versions" in res.out
+
+
 def test_rebuild_db_leaves_out_a_version_with_damaged_metadata(repo_env: RepoEnv, tmp_path: Path) -> None:
     """One version's metadata object truncated in the store: the others are rebuilt and restorable,
     the damaged one is named in one line, and the exit code says damaged data was found."""

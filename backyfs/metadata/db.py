@@ -81,8 +81,12 @@ class MetadataDB:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One transaction under the lock: every statement in it commits together or not at all."""
+        """One transaction under the lock: every statement in it commits together or not at all.
+        Inside transaction() it joins the outer transaction instead."""
         with self.lock:
+            if self.conn.in_transaction:  # this thread's transaction(): the lock is ours
+                yield self.conn
+                return
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self.conn
@@ -90,6 +94,8 @@ class MetadataDB:
                 self.conn.execute("ROLLBACK")
                 raise
             self.conn.execute("COMMIT")
+
+    transaction = _tx  # for a caller whose many calls must commit together (rebuild-db)
 
     # --- versions -------------------------------------------------------------------------
     def add_version(self, version: Version) -> None:

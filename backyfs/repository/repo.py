@@ -210,6 +210,16 @@ class Repository:
                 versions.append((Version.from_json(meta), blockmap))
             except (ObjectMissing, CorruptObject, ValueError, TypeError, AttributeError) as exc:
                 damaged.append(f"{uid} (damaged metadata, left out: {exc})")
+        blocks = []
+        for key in self.store.list("blocks/"):
+            digest = digest_from_key(key)
+            if digest is not None:
+                blocks.append((digest, self.store.size(key)))
+        with self.db.transaction():  # all or nothing: a killed rebuild leaves the database empty
+            return self._fill_db(versions, blocks, damaged)
+
+    def _fill_db(self, versions: list[tuple[Version, BlockMap]], blocks: list[tuple[bytes, int]],
+                 damaged: list[str]) -> dict:
         # Parents first, so foreign keys hold.
         versions.sort(key=lambda vb: vb[0].created)
         known = {v.uid for v, _ in versions}
@@ -218,11 +228,6 @@ class Repository:
                 version.parent = None
             self.db.add_version(version)
             self.db.put_blockmap(version.uid, blockmap)
-        blocks = []
-        for key in self.store.list("blocks/"):
-            digest = digest_from_key(key)
-            if digest is not None:
-                blocks.append((digest, self.store.size(key)))
         self.db.add_blocks(blocks)
         # A valid version whose map names an object the store lacks (e.g. gc ran after a lost rm)
         # is not restorable: say so, rather than rebuild it as valid.
