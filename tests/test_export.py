@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from backyfs.config import Config
-from backyfs.errors import StateError
+from backyfs.errors import BackyfsError, StateError
 from backyfs.export.cache import DiskCache, MemoryCache
 from backyfs.export.device import BlockError, BlockFetcher, ExportDevice
 from backyfs.export.overlay import CLEAN, DIRTY, TRIMMED, Overlay, list_overlays
@@ -448,3 +449,19 @@ def test_prefetch_of_nothing_at_the_end_of_a_writable_device(tmp_path):
         device.close()
     finally:
         svc.close()
+
+
+def test_a_discard_killed_while_deleting_leaves_no_overlay_behind(service):
+    """A discard (or a commit's) renames the overlay away, then deletes it: killed in between, the
+    renamed directory was listed by `overlay ls` as an overlay of its own. It is swept instead."""
+    version = service.repo.latest_valid("vol")
+    device = service.open(version.uid, writable=True)
+    device.pwrite(b"x" * 10, 0)
+    device.close()
+    root = Path(service.cfg.overlay_dir) / version.uid
+    (root / "default").rename(root / ".discarded-default-1")  # the crash: renamed, never deleted
+    shutil.copytree(root / ".discarded-default-1", root / "old.discarded.2")  # an older backyfs's trash
+    assert list_overlays(service.cfg.overlay_dir) == []
+    assert sorted(os.listdir(root)) == []
+    with pytest.raises(BackyfsError):
+        service.open(version.uid, writable=True, overlay_name="old.discarded.2")

@@ -33,7 +33,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def check_overlay_name(name: str) -> str:
-    if not _NAME_RE.fullmatch(name):
+    if not _NAME_RE.fullmatch(name) or _is_trash(name):
         raise BackyfsError(f"invalid overlay name {name!r}")
     return name
 
@@ -221,6 +221,9 @@ def list_overlays(root: str) -> list[OverlayInfo]:
             continue
         for name in names:
             path = os.path.join(root, uid, name)
+            if _is_trash(name):  # left by a discard that was killed while deleting
+                shutil.rmtree(path, ignore_errors=True)
+                continue
             try:
                 state = _read_state_files(path)
                 modified = max(os.stat(os.path.join(path, f)).st_mtime
@@ -258,10 +261,18 @@ def discard_overlay(root: str, version_uid: str, name: str) -> None:
 def _remove_tree(path: str) -> None:
     """Remove an overlay directory its caller has locked, then the version's directory if that
     was its last overlay."""
-    trash = f"{path}.discarded.{time.time_ns()}"
-    os.rename(path, trash)  # atomic: a crash mid-delete leaves no half overlay
+    parent, name = os.path.split(path)
+    # Renamed first (atomic), to a name no overlay can have (a leading dot): a crash mid-delete
+    # leaves trash that list_overlays() sweeps, never a half overlay.
+    trash = os.path.join(parent, f".discarded-{name}-{time.time_ns()}")
+    os.rename(path, trash)
     shutil.rmtree(trash)
     try:
-        os.rmdir(os.path.dirname(path))
+        os.rmdir(parent)
     except OSError:
         pass
+
+
+def _is_trash(name: str) -> bool:
+    # ".discarded-NAME-NS", or "NAME.discarded.NS" as discards before 2026-12-06 named it
+    return name.startswith(".") or re.search(r"\.discarded\.\d+$", name) is not None
