@@ -74,3 +74,123 @@ def test_kill_9_mid_backup_then_resume(repo_env: RepoEnv, tmp_path: Path) -> Non
     repo_env.ok("restore", pending, out)
     assert files_equal(img, out)
     assert repo_env.call("deep-scrub", pending).rc == 0
+
+
+# --- crash points found by killing commands after each of their steps --------------------------
+class Killed(BaseException):
+    """Stands for SIGKILL at a chosen step: nothing after it runs, no cleanup either."""
+
+
+def _repo():
+    from backyfs.config import load_config, open_repository
+
+    return open_repository(load_config(None))
+
+
+def _lose_the_database(repo_env: RepoEnv) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{repo_env.db_path}{suffix}").unlink(missing_ok=True)
+
+
+def test_killed_as_the_version_turns_valid_the_store_is_never_behind(repo_env: RepoEnv,
+                                                                     tmp_path: Path) -> None:
+    """The store's copy of a version's state is written before the database's: a backup killed
+    in between once left the store saying "pending" for ever (the re-run made a new version), so
+    a database rebuilt from the store had a complete version that nothing would restore."""
+    from backyfs.repository.writer import BackupWriter
+    from backyfs.sources.file import FileSource
+
+    img = write_image(tmp_path / "img", ["rand", "text", "hole"])
+    repo = _repo()
+    real_update = repo.db.update_version
+
+    def update(uid: str, **fields: object) -> None:
+        if fields.get("state") == "valid":
+            raise Killed
+        real_update(uid, **fields)
+
+    repo.db.update_version = update  # type: ignore[method-assign]
+    source = FileSource(str(img))
+    try:
+        BackupWriter(repo, source, "vm").run()
+    except Killed:
+        pass
+    source.close()
+    repo.close()
+    _lose_the_database(repo_env)
+    repo_env.ok("rebuild-db")
+    [version] = repo_env.versions()
+    assert version["state"] == "valid"
+    repo_env.ok("restore", version["uid"], tmp_path / "out.img")
+    assert files_equal(img, tmp_path / "out.img")
+
+
+def test_a_commit_run_again_after_a_kill_before_its_discard_makes_no_duplicate(repo_env: RepoEnv,
+                                                                             tmp_path: Path) -> None:
+    from backyfs.config import load_config
+    from backyfs.export import service as service_mod
+    from backyfs.export.service import ExportService, commit_overlay
+
+    img = write_image(tmp_path / "img", ["rand", "text"])
+    uid = repo_env.backup(img, "vm")["uid"]
+    service = ExportService(load_config(None))
+    try:
+        device = service.open(uid, writable=True)
+        device.pwrite(b"new data", 100)
+        device.close()
+        real_discard = service_mod.discard_overlay
+        service_mod.discard_overlay = lambda *a: (_ for _ in ()).throw(Killed)  # type: ignore[assignment]
+        try:
+            try:
+                commit_overlay(service, uid)
+            except Killed:
+                pass
+        finally:
+            service_mod.discard_overlay = real_discard
+        first = [v for v in service.repo.db.versions(volume="vm") if v.parent == uid]
+        again = commit_overlay(service, uid)  # what the user does next
+        assert [v.uid for v in service.repo.db.versions(volume="vm") if v.parent == uid] == [again.uid]
+        assert [v.uid for v in first] == [again.uid]
+        assert json_overlays(repo_env) == []
+    finally:
+        service.close()
+
+
+def json_overlays(repo_env: RepoEnv) -> list:
+    return repo_env.ok("overlay", "ls", "--json").json()  # type: ignore[return-value]
+
+
+def test_an_rm_killed_after_the_metadata_leaves_nothing_gc_cannot_clear(repo_env: RepoEnv,
+                                                                        tmp_path: Path) -> None:
+    """rm deletes the store's metadata, then the block map. Killed in between and the database
+    lost: rebuild-db left the map out as damaged (exit 3), and gc took it for another host's
+    version and deleted nothing for ever. The map is now known for what it is, and gc clears it."""
+    img = write_image(tmp_path / "img", ["rand", "text"])
+    gone = repo_env.backup(img, "vm")["uid"]
+    img2 = write_image(tmp_path / "img2", ["rand", "rand"])
+    kept = repo_env.backup(img2, "vm2")["uid"]
+    (repo_env.store_dir / "versions" / gone / "meta.json").unlink()  # rm killed right after this
+    _lose_the_database(repo_env)
+    res = repo_env.ok("rebuild-db")
+    assert "1 versions" in res.out
+    assert [v["uid"] for v in repo_env.versions()] == [kept]
+    first = repo_env.ok("gc", "--json").json()
+    assert not first["foreign"] and not first["deferred"]  # type: ignore[index]
+    assert not list((repo_env.store_dir / "versions").glob(f"{gone}/*"))
+    repo_env.ok("gc")
+    repo_env.ok("restore", kept, tmp_path / "out.img")
+    assert files_equal(img2, tmp_path / "out.img")
+
+
+def test_gc_sweeps_old_temporary_files_of_killed_puts(repo_env: RepoEnv, tmp_path: Path) -> None:
+    import os
+
+    img = write_image(tmp_path / "img", ["rand"])
+    repo_env.backup(img, "vm")
+    block_dir = next((repo_env.store_dir / "blocks").iterdir())
+    old, young = block_dir / "ab.tmp.123.7f", block_dir / "cd.tmp.456.7f"
+    for path in (old, young):
+        path.write_bytes(b"x" * 4096)
+    os.utime(old, (time.time() - 7 * 3600,) * 2)  # older than any put takes
+    repo_env.ok("gc")
+    assert not old.exists() and young.exists()  # a young one may be a put in flight

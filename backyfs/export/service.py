@@ -14,7 +14,7 @@ from backyfs.config import Config, open_repository
 from backyfs.errors import BackyfsError, NotFound
 from backyfs.export.cache import DiskCache, MemoryCache
 from backyfs.export.device import READAHEAD_BLOCKS, BlockFetcher, ExportDevice
-from backyfs.export.overlay import Overlay, discard_overlay
+from backyfs.export.overlay import Overlay, discard_overlay, list_overlays
 from backyfs.metadata.db import Version
 from backyfs.repository.extents import Extent
 from backyfs.repository.writer import BackupWriter
@@ -123,6 +123,12 @@ def commit_overlay(service: ExportService, version_uid: str, overlay_name: str =
     version = repo.resolve(version_uid, valid_only=True)
     if version.uid != version_uid:
         raise BackyfsError(f"commit needs the overlay's version uid, not {version_uid!r}")
+    origin = f"{version.uid}/{overlay_name}"
+    done = _committed_already(service, version, overlay_name, origin)
+    if done is not None:  # a commit killed before it could discard the overlay, run again
+        if not keep:
+            discard_overlay(service.cfg.overlay_dir, version.uid, overlay_name)
+        return done
     device = service.open(version.uid, writable=True, overlay_name=overlay_name)
     try:
         changed = device.overlay.changed_blocks()
@@ -131,7 +137,7 @@ def commit_overlay(service: ExportService, version_uid: str, overlay_name: str =
         bs = version.block_size
         hints = [Extent(i * bs, min(bs, version.size - i * bs)) for i in changed]
         writer = BackupWriter(repo, _DeviceSource(device), version.volume, parent=version, hints=hints,
-                              labels={"committed-from": f"{version.uid}/{overlay_name}", **(labels or {})},
+                              labels={"committed-from": origin, **(labels or {})},
                               threads=service.cfg.threads, sample_percent=0)
         new_version = writer.run()
     finally:
@@ -139,3 +145,16 @@ def commit_overlay(service: ExportService, version_uid: str, overlay_name: str =
     if not keep:
         discard_overlay(service.cfg.overlay_dir, version.uid, overlay_name)
     return new_version
+
+
+def _committed_already(service: ExportService, version: Version, overlay_name: str,
+                       origin: str) -> Version | None:
+    """The valid version a commit of this overlay made after the overlay's last write, if any."""
+    infos = [o for o in list_overlays(service.cfg.overlay_dir)
+             if o.version_uid == version.uid and o.name == overlay_name]
+    if not infos:
+        return None
+    for made in reversed(service.repo.db.versions(volume=version.volume, state="valid")):
+        if made.labels.get("committed-from") == origin and made.created >= infos[0].modified:
+            return made
+    return None

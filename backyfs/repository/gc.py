@@ -20,9 +20,11 @@ import time
 from dataclasses import dataclass, field
 
 from backyfs.errors import NotFound
-from backyfs.repository.repo import Repository, block_key
+from backyfs.repository import mapstore
+from backyfs.repository.repo import Repository, block_key, stored_version_uids
 
 STALE_AFTER = 900.0  # a pending backup silent this long (no checkpoint) is considered dead
+TEMPORARY_MAX_AGE = 6 * 3600.0  # a put's temporary file this old belongs to a killed process
 
 
 @dataclass
@@ -54,8 +56,16 @@ def collect_garbage(repo: Repository, dry_run: bool = False) -> GcResult:
 def foreign_versions(repo: Repository) -> set[str]:
     """Versions whose metadata is in the store but not in this database: another host's sharing the
     store (blocks are content-addressed, so hosts share them too), or ones rebuild-db left out."""
-    in_store = {k.split("/")[1] for k in repo.store.list("versions/") if k.count("/") == 2}
-    return in_store - {v.uid for v in repo.db.versions()}
+    return stored_version_uids(repo.store) - {v.uid for v in repo.db.versions()}
+
+
+def _drop_remnants(repo: Repository) -> int:
+    """Delete block maps an interrupted rm left without their metadata (no version has them)."""
+    known = {v.uid for v in repo.db.versions()}
+    remnants = stored_version_uids(repo.store, remnants=True) - known
+    for uid in remnants:
+        mapstore.delete_map(repo.store, uid)
+    return len(remnants)
 
 
 def _collect(repo: Repository, dry_run: bool, alone: bool) -> GcResult:
@@ -79,6 +89,9 @@ def _collect(repo: Repository, dry_run: bool, alone: bool) -> GcResult:
         result.deleted_bytes = sum(sizes.get(d, (0, ""))[0] for d in doomed)
         return result
     repo.db.mark_blocks(revive, "ok")
+    if alone:
+        _drop_remnants(repo)
+        repo.store.sweep_temporary(TEMPORARY_MAX_AGE)
     for digest in doomed:
         repo.store.delete(block_key(digest))
         result.deleted += 1

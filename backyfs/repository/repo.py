@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -73,6 +74,19 @@ def check_volume_name(volume: str) -> str:
 
 def new_uid() -> str:
     return secrets.token_hex(6)
+
+
+def stored_version_uids(store: ObjectStore, remnants: bool = False) -> set[str]:
+    """Versions whose metadata is in the store; with remnants, instead the uids that have only a
+    block map left there (an rm killed after deleting the metadata, which it deletes first)."""
+    with_meta, any_key = set(), set()
+    for key in store.list("versions/"):
+        parts = key.split("/")
+        if len(parts) == 3:
+            any_key.add(parts[1])
+            if parts[2] == "meta.json":
+                with_meta.add(parts[1])
+    return any_key - with_meta if remnants else with_meta
 
 
 class Repository:
@@ -150,18 +164,25 @@ class Repository:
         return self.db.get_blockmap(version.uid)
 
     def save_version(self, version: Version, blockmap: BlockMap | None = None) -> None:
-        """Mirror a version into the store so the store alone can restore everything."""
+        """Mirror a version into the store so the store alone can restore everything. Its metadata
+        goes before its block map: a map without metadata in the store is then always what an
+        interrupted rm left (rm deletes the metadata first), never a version being made."""
         if blockmap is not None:
             self.db.put_blockmap(version.uid, blockmap)
+        self._put_meta(self.db.get_version(version.uid))
+        if blockmap is not None:
             mapstore.put_map(self.store, version.uid, blockmap.to_bytes())
-        fresh = self.db.get_version(version.uid)
-        meta = json.dumps(fresh.to_json(), sort_keys=True).encode()
+
+    def _put_meta(self, version: Version) -> None:
+        meta = json.dumps(version.to_json(), sort_keys=True).encode()
         self.store.put(f"versions/{version.uid}/meta.json", codec.encode(meta))
 
     def set_state(self, version: Version, state: str) -> None:
+        """The store's copy first: killed in between, the database is behind (a pending version a
+        re-run resumes), never the store, which a lost database is rebuilt from."""
+        self._put_meta(dataclasses.replace(self.db.get_version(version.uid), state=state))
         self.db.update_version(version.uid, state=state)
         version.state = state
-        self.save_version(version)
 
     def delete_version(self, version: Version, force: bool = False) -> None:
         self.db.check_deletable(version.uid, force=force)
@@ -198,7 +219,7 @@ class Repository:
         """Fill an empty DB from the store: versions, block maps, and the object index. A version
         whose metadata is missing or damaged is left out (listed under "damaged") rather than
         failing the rest: recovering from the store alone is for stores that may be hurt."""
-        uids = sorted({k.split("/")[1] for k in self.store.list("versions/") if k.count("/") == 2})
+        uids = sorted(stored_version_uids(self.store))
         versions: list[tuple[Version, BlockMap]] = []
         damaged: list[str] = []
         for uid in uids:

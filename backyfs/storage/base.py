@@ -67,6 +67,11 @@ class ObjectStore(abc.ABC):
     def flush(self) -> None:
         """Make every put so far durable. Backends whose put is durable on return do nothing."""
 
+    def sweep_temporary(self, older_than_s: float) -> int:
+        """Remove what puts killed midway left (a filesystem's temporary files) and that is older
+        than older_than_s; returns how many. Backends whose puts leave nothing do nothing."""
+        return 0
+
     def close(self) -> None:
         """Release connections. The default has nothing to release."""
 
@@ -98,6 +103,9 @@ class StoreWrapper(ObjectStore):
 
     def flush(self) -> None:
         self.inner.flush()
+
+    def sweep_temporary(self, older_than_s: float) -> int:
+        return self.inner.sweep_temporary(older_than_s)
 
     def close(self) -> None:
         self.inner.close()

@@ -6,6 +6,7 @@ import errno
 import mmap
 import os
 import threading
+import time
 from collections.abc import Iterator
 
 from backyfs.errors import ObjectMissing, StoreUnavailable
@@ -136,6 +137,23 @@ class FilesystemStore(ObjectStore):
                 key = name if rel == "." else f"{rel}/{name}"
                 if key.startswith(prefix):
                     yield key
+
+    def sweep_temporary(self, older_than_s: float) -> int:
+        """Temporary files of puts killed before their rename (up to a block each). Only old ones:
+        a put of another process may be writing a young one right now."""
+        removed, cutoff = 0, time.time() - older_than_s
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if ".tmp." not in name:
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    if os.lstat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
 
     def _touched(self, directory: str, path: str | None = None) -> None:
         with self._lock:
