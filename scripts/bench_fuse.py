@@ -149,6 +149,7 @@ def main() -> None:
         image = args.data_dir / "bench.img"
         if not image.exists() or image.stat().st_size != int(args.size_gib * (1 << 30)) // BS * BS:
             benchlib.make_image(image, args.size_gib, seed=5)
+        backyfs(args.data_dir, "init")  # ls refuses a data dir without a repository
         versions = json.loads(backyfs(args.data_dir, "ls", "--json", "fusebench"))
         if versions and versions[-1]["size"] == image.stat().st_size:
             version = versions[-1]["uid"]

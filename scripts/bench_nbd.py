@@ -75,6 +75,7 @@ def ensure_version(data_dir: Path, image: Path, volume: str) -> str:
     share a data directory, and a same-sized other image would measure the wrong data."""
     stat = image.resolve().stat()
     identity = f"{image.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    backyfs(data_dir, "init")  # ls refuses a data dir without a repository
     versions = json.loads(backyfs(data_dir, "ls", "--json", volume))
     mine = [v for v in versions if v["state"] == "valid" and v["labels"].get("bench-image") == identity]
     if mine:
