@@ -246,15 +246,25 @@ def test_interrupted_restore_removes_what_it_created(repo_env: RepoEnv, tmp_path
     repo_env.use_config("[limits]\nread_mb_s = 16\n")  # 32 MiB of blocks take ~2 s to read
     uid = repo_env.backup(write_image(tmp_path / "img", ["rand"] * 8), "vm")["uid"]
     out = tmp_path / "out.img"
-    proc = repo_env.popen("restore", uid, out)
-    deadline = time.monotonic() + 30
-    while not out.exists() and time.monotonic() < deadline:  # the restore has begun writing
-        time.sleep(0.02)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert f"removed the incomplete {out}" in err and not out.exists()
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        proc = repo_env.popen("restore", uid, out)
+        deadline = time.monotonic() + 30
+        while not _restoring(out) and time.monotonic() < deadline:  # the restore has begun writing
+            time.sleep(0.02)
+        time.sleep(0.3)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert not out.exists()  # a killed restore never leaves a file that looks complete
+        if sig == signal.SIGINT:
+            assert proc.returncode == 130, err
+            assert f"removed the incomplete {out}" in err and not _restoring(out)
+    assert _restoring(out)  # after kill -9: the hidden partial file, named for what it is
+    repo_env.ok("restore", uid, out)
+    assert files_equal(tmp_path / "img", out)
+
+
+def _restoring(target: Path) -> list[Path]:
+    return list(target.parent.glob(f".{target.name}.backyfs-restore-*"))
 
 
 @pytest.mark.parametrize("size", [100, 4096, "half"])

@@ -29,7 +29,9 @@ Restore VERSION to TARGET in parallel. Every block is checked against its digest
 corrupt block is reported with its block index and byte offset, the rest is still restored, and
 the exit code is 3. A new or overwritten file is written sparse. A restore that stops part-way
 (Ctrl-C, a full disk, an unreachable store) removes the file or RBD image it created, so nothing
-that looks complete is left; a target it was told to overwrite is left and called incomplete.
+that looks complete is left; a target it was told to overwrite is left and called incomplete. A
+new file gets its name only once it is complete: until then it is .NAME.backyfs-restore-PID beside
+it, which is all a restore killed outright (kill -9, a power cut) can leave.
 
 examples:
   backyfs restore vm1-root /tmp/vm1.img                 # the volume's latest valid version

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -79,13 +80,20 @@ class FileTarget:
         is_device = os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode)
         if exists and not force:
             raise BackyfsError(f"restore target {path} exists; use --force to overwrite it")
+        # A new file is written under a hidden name and linked to its own at the end: a restore
+        # killed (kill -9, a power cut) cannot leave a full-size file that looks complete.
+        head, name = os.path.split(path)
+        self.writing = path if exists else os.path.join(head, f".{name}.backyfs-restore-{os.getpid()}")
+        if not exists:  # one by that name can only be a dead process's (the pid is ours now)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.writing)
         try:
             flags = os.O_WRONLY | os.O_CLOEXEC | (0 if is_device else os.O_CREAT)
             if not exists:  # a new file, really: not through a dangling symlink, not a racing one
                 flags |= os.O_EXCL | os.O_NOFOLLOW
             elif is_device:  # exclusive: the kernel refuses (EBUSY) a mounted or in-use device
                 flags |= os.O_EXCL
-            self.fd = os.open(path, flags, 0o600)
+            self.fd = os.open(self.writing, flags, 0o600)
             if is_device:
                 if _device_size(self.fd) < size:
                     raise BackyfsError(f"device {path} is smaller than the version ({size} bytes)")
@@ -124,6 +132,15 @@ class FileTarget:
     def finish(self) -> None:
         os.fsync(self.fd)
         os.close(self.fd)
+        if self.writing == self.path:
+            return
+        try:
+            os.link(self.writing, self.path)  # not rename: a file made there meanwhile stays
+        except FileExistsError:
+            raise BackyfsError(f"restore target {self.path} appeared during the restore; the "
+                               f"restored image is {self.writing}") from None
+        os.unlink(self.writing)
+        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def abandon(self) -> str:
         """After a failed or interrupted restore: remove the file if this restore created it (a
@@ -132,7 +149,15 @@ class FileTarget:
         if not self.created:
             return f"{self.path} is incomplete"
         try:
-            os.unlink(self.path)
+            os.unlink(self.writing)
         except OSError as exc:
-            return f"{self.path} is incomplete (cannot remove it: {exc.strerror})"
+            return f"{self.writing} is incomplete (cannot remove it: {exc.strerror})"
         return f"removed the incomplete {self.path}"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
