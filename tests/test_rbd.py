@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from typing import Any
 
 import ceph_env
 import pytest
-from conftest import RepoEnv, Result, first_difference
+from conftest import BACKYFS, RepoEnv, Result, first_difference
 
 pytestmark = pytest.mark.ceph
 
@@ -266,8 +267,11 @@ def test_old_snapshots_go_with_the_next_backup(repo_env: RepoEnv, rbd_pool: RbdP
         snaps.append(show(repo_env, stats["uid"])["snapshot"])
         assert rbd.backyfs_snapshots(image) == snaps[-2:]
 
+    mine = _tagged(repo_env, "vm") + "stale-from-a-crashed-run"  # a run killed before it recorded it
+    others = [_tagged(repo_env, "other-volume") + "x", SNAP_PREFIX + "another-repository"]
     with rbd.image(image) as img:
-        img.create_snap(SNAP_PREFIX + "stale-from-a-crashed-run")
+        for name in (mine, *others):
+            img.create_snap(name)
     rbd.write(image, 4 * OBJ, rng.randbytes(3 * OBJ))  # 12 MiB to read at 4 MB/s: ~3 s
     repo_env.use_config("[limits]\nread_mb_s = 4\n")
     before = set(rbd.backyfs_snapshots(image))
@@ -275,23 +279,80 @@ def test_old_snapshots_go_with_the_next_backup(repo_env: RepoEnv, rbd_pool: RbdP
     deadline = time.monotonic() + 30
     while not set(rbd.backyfs_snapshots(image)) - before and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(1.0)
+    # Interrupted once it is reading, which is when it has removed what it removes.
+    while {snaps[-2], mine} & set(rbd.backyfs_snapshots(image)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert proc.poll() is None, "the backup ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     # The interrupted run removed what no valid version needs, and kept the parent's snapshot.
     left = rbd.backyfs_snapshots(image)
     assert snaps[-1] in left and snaps[-2] not in left, left
-    assert SNAP_PREFIX + "stale-from-a-crashed-run" not in left
+    assert mine not in left and set(others) <= set(left)  # only this volume's own snapshots go
 
     repo_env.use_config("")
     stats, _ = backup(repo_env, rbd.spec(image), "vm")
     latest = show(repo_env, stats["uid"])
     assert stats["parent"] == uids[-1]
     assert stats["bytes_read"] == (3 + stats["blocks_sampled"]) * OBJ  # a diff, not a full read
-    assert rbd.backyfs_snapshots(image) == [snaps[-1], latest["snapshot"]]
+    assert sorted(rbd.backyfs_snapshots(image)) == sorted([snaps[-1], latest["snapshot"], *others])
     rbd.remember_allocation(latest["uid"], image, latest["snapshot"])
     restore_and_compare(repo_env, rbd, latest["uid"], rbd.export(image, latest["snapshot"]))
+
+
+def _tagged(repo_env: RepoEnv, volume: str) -> str:
+    from backyfs.sources.rbd import snapshot_prefix
+
+    return snapshot_prefix(f"{os.path.abspath(repo_env.db_path)}\0{volume}")
+
+
+def test_two_repositories_backing_up_one_image_keep_their_own_snapshots(repo_env: RepoEnv,
+                                                                         rbd_pool: RbdPool,
+                                                                         tmp_path: Path) -> None:
+    """A local and an off-site repository (or two volumes) backing up the same image: each once
+    removed the other's snapshots, so every backup read the whole image, and a backup running
+    while the other started had its snapshot removed under it and became valid with zeros."""
+    rbd = rbd_pool
+    image = rbd.create("shared", 32 * MiB)
+    rbd.write(image, 0, random.Random(3).randbytes(4 * OBJ))
+    first, _ = backup(repo_env, rbd.spec(image), "vm")
+    other_env = {**repo_env.env, "BACKYFS_DATA_DIR": str(tmp_path / "offsite")}
+    subprocess.run([BACKYFS, "backup", rbd.spec(image), "vm", "--json"], env=other_env, check=True,
+                   capture_output=True, timeout=120)
+    rbd.write(image, OBJ + 100, b"changed")
+    second, _ = backup(repo_env, rbd.spec(image), "vm")
+    assert second["parent"] == first["uid"]
+    assert second["bytes_read"] == (1 + second["blocks_sampled"]) * OBJ  # a diff, not a full read
+    assert len(rbd.backyfs_snapshots(image)) == 3  # vm's two, and the off-site repository's one
+
+
+def test_a_refused_concurrent_backup_neither_takes_nor_removes_a_snapshot(repo_env: RepoEnv,
+                                                                          rbd_pool: RbdPool) -> None:
+    import time
+
+    rbd = rbd_pool
+    image = rbd.create("busy", 32 * MiB)
+    rbd.write(image, 0, random.Random(4).randbytes(6 * OBJ))
+    backup(repo_env, rbd.spec(image), "vm")
+    rbd.write(image, 0, random.Random(5).randbytes(6 * OBJ))
+    repo_env.use_config("[limits]\nread_mb_s = 8\n")  # 24 MiB changed: ~3 s
+    proc = repo_env.popen("backup", rbd.spec(image), "vm", "--json")
+    deadline = time.monotonic() + 30
+    while len(rbd.backyfs_snapshots(image)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    snaps = rbd.backyfs_snapshots(image)
+    refused = repo_env.run("backup", rbd.spec(image), "vm")
+    assert refused.rc == 1 and "already running" in refused.err
+    assert rbd.backyfs_snapshots(image) == snaps  # none taken, none removed
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    stats = json.loads(out)
+    snapshot = show(repo_env, stats["uid"])["snapshot"]
+    rbd.remember_allocation(stats["uid"], image, snapshot)
+    restore_and_compare(repo_env, rbd, stats["uid"], rbd.export(image, snapshot))
 
 
 def test_a_backup_that_cannot_start_leaves_no_snapshot(repo_env: RepoEnv, rbd_pool: RbdPool) -> None:
@@ -459,7 +520,8 @@ def test_pre_and_post_snapshot_commands(repo_env: RepoEnv, rbd_pool: RbdPool) ->
         f.seek(OBJ + 10)
         assert f.read(9) == b"PRE-SNAP\0"
 
-    # A failing pre-command fails the backup, on one line, before any snapshot or version is made.
+    # A failing pre-command fails the backup, on one line, before any snapshot or version is made;
+    # the post-command still runs (a freeze that failed half-way must be thawed).
     post_marker.unlink()
     res = repo_env.run("backup", rbd.spec(image), "vm", "--pre-snapshot",
                        "echo some noise; echo cannot freeze the filesystem >&2; exit 7",
@@ -467,7 +529,7 @@ def test_pre_and_post_snapshot_commands(repo_env: RepoEnv, rbd_pool: RbdPool) ->
     assert res.rc == 1
     assert res.err_lines == ["backyfs: error: pre-snapshot command failed (exit status 7): "
                              "cannot freeze the filesystem"]
-    assert not post_marker.exists()
+    assert post_marker.exists()
     assert rbd.backyfs_snapshots(image) == [snapshot]
     assert [v["uid"] for v in repo_env.versions()] == [stats["uid"]]
 
@@ -478,6 +540,29 @@ def test_pre_and_post_snapshot_commands(repo_env: RepoEnv, rbd_pool: RbdPool) ->
     assert res.err_lines == ["backyfs: error: post-snapshot command failed (exit status 5): cannot thaw"]
     assert rbd.backyfs_snapshots(image) == [snapshot]
     assert [v["uid"] for v in repo_env.versions()] == [stats["uid"]]
+
+
+def test_a_hung_snapshot_command_is_killed_with_its_children(rbd_pool: RbdPool, monkeypatch) -> None:
+    import time
+
+    from backyfs.errors import SourceError
+    from backyfs.sources import rbd as rbd_mod
+
+    monkeypatch.setenv("CEPH_CONF", rbd_pool.conf)
+    monkeypatch.setattr(rbd_mod, "HOOK_TIMEOUT", 1.0)
+    image = rbd_pool.create("hook", 8 * MiB)
+    source = rbd_mod.RbdSource.from_spec(rbd_pool.spec(image))
+    marker = f"backyfs-hook-test-{os.getpid()}"
+    try:
+        started = time.monotonic()
+        with pytest.raises(SourceError, match="did not finish in 1 s"):
+            source._run_hook(f"sh -c 'sleep 60; echo {marker}' & sleep 60", "pre-snapshot")
+        assert time.monotonic() - started < 10
+        time.sleep(0.2)
+        left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+        assert left == "", "the command's children outlived it"
+    finally:
+        source.close()
 
 
 def test_a_wrong_diff_is_caught_by_the_sample(repo_env: RepoEnv, rbd_pool: RbdPool,

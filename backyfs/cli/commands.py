@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -99,13 +100,18 @@ def _open_backup(args: argparse.Namespace):
     if (args.pre_snapshot or args.post_snapshot) and not takes_snapshots(args.source):
         raise UsageError("--pre-snapshot/--post-snapshot need a source that snapshots (rbd:POOL/IMAGE)")
     opening = start_source(args.source, pre_cmd=args.pre_snapshot, post_cmd=args.post_snapshot)
+    volume_lock = None
     try:
         opening.wait_loaded()
-        from backyfs.repository.repo import check_volume_name
+        from backyfs.repository.repo import check_volume_name, lock_volume
 
         cfg = load_config(args.config)
         volume = check_volume_name(args.volume)
-        opening.snapshot()
+        # The volume's lock before the snapshot: a run refused as concurrent must neither leave a
+        # snapshot nor remove one that the running backup reads.
+        os.makedirs(cfg.data_dir, mode=0o700, exist_ok=True)
+        volume_lock = lock_volume(cfg.db_path, volume)
+        opening.snapshot(_snapshot_prefix(cfg, volume) if takes_snapshots(args.source) else None)
         repo = open_repository(cfg, read_mb_s=None, write_mb_s=args.write_limit)
         if re.fullmatch(r"[0-9a-f]{4,11}", volume) and not repo.db.versions(volume=volume):
             raise UsageError(f"a new volume named with hex digits only ({volume!r}) would hide the "
@@ -121,6 +127,8 @@ def _open_backup(args: argparse.Namespace):
         source = opening.result()
     except BaseException:
         opening.abandon()
+        if volume_lock is not None:
+            volume_lock.close()
         raise
     if hasattr(source, "changes"):  # RBD: diff against the parent's snapshot, not the user's hints
         try:
@@ -128,22 +136,32 @@ def _open_backup(args: argparse.Namespace):
         except BaseException:
             source.discard_snapshot()
             source.close()
+            volume_lock.close()
             raise
-        # Snapshots no valid version may diff from any more go while this backup reads.
+        # This volume's snapshots no valid version may diff from any more go while it reads.
         latest = repo.latest_valid(volume)
-        source.drop_old_snapshots({v.snapshot for v in (parent, latest) if v is not None and v.snapshot})
-    return cfg, volume, repo, parent, source, hints
+        owned = {v.snapshot for v in repo.db.versions(volume=volume) if v.snapshot}
+        keep = {v.snapshot for v in (parent, latest) if v is not None and v.snapshot}
+        source.drop_old_snapshots(owned, keep)
+    return cfg, volume, repo, parent, source, hints, volume_lock
+
+
+def _snapshot_prefix(cfg, volume: str) -> str:
+    from backyfs.sources.rbd import snapshot_prefix
+
+    return snapshot_prefix(f"{os.path.abspath(cfg.db_path)}\0{volume}")
 
 
 def run_backup(args: argparse.Namespace):
     """Back up args.source as args.volume; returns (version, parent). Shared by `backup` and `job run`."""
-    cfg, volume, repo, parent, source, hints = _open_backup(args)
+    cfg, volume, repo, parent, source, hints, volume_lock = _open_backup(args)
     from backyfs.repository.writer import BackupWriter
 
     read_limit = args.read_limit if args.read_limit is not None else cfg.read_mb_s
     writer = BackupWriter(repo, source, volume, parent=parent, hints=hints, labels=_labels(args.label),
                           block_size=cfg.block_size, threads=cfg.threads, read_limit=read_limit * 1e6,
                           snapshot=getattr(source, "snapshot", None), sample_percent=args.verify_sample,
+                          volume_lock=volume_lock,
                           progress=Progress(f"backup {volume}", enabled=None if not args.json else False))
     try:
         version = writer.run()

@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return _broken_pipe(exc)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="backyfs: %(levelname)s: %(message)s")
+    for chatty in ("botocore", "boto3", "s3transfer", "urllib3"):  # -v is about backyfs, and their
+        logging.getLogger(chatty).setLevel(logging.WARNING)  # debug output names credentials
     try:
         rc = args.func(args) or 0
         sys.stdout.flush()  # here, not at exit: a reader that went away is handled below

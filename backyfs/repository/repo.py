@@ -11,8 +11,9 @@ import os
 import re
 import secrets
 from collections.abc import Iterator
+from typing import IO
 
-from backyfs.errors import BackyfsError, CorruptObject, NotFound, ObjectMissing
+from backyfs.errors import BackyfsError, CorruptObject, NotFound, ObjectMissing, StateError
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import MetadataDB, Version
 from backyfs.repository import mapstore
@@ -87,6 +88,26 @@ def stored_version_uids(store: ObjectStore, remnants: bool = False) -> set[str]:
             if parts[2] == "meta.json":
                 with_meta.add(parts[1])
     return any_key - with_meta if remnants else with_meta
+
+
+def open_lock_file(db_path: str, name: str) -> int:
+    """An fd of DB_DIR/locks/NAME for flock: the locks die with the process, kill -9 included."""
+    lock_dir = os.path.join(os.path.dirname(os.path.abspath(db_path)), "locks")
+    os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+    return os.open(os.path.join(lock_dir, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def lock_volume(db_path: str, volume: str) -> IO[str]:
+    """One backup per volume at a time on a repository: a second one would resume the first's
+    pending version under its feet (and an RBD one remove its snapshot). Closing the returned
+    file releases the lock; so does the process's death, kill -9 included."""
+    fd = open_lock_file(db_path, f"{volume}.lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateError(f"a backup of volume {volume} is already running") from None
+    return os.fdopen(fd)
 
 
 class Repository:
@@ -193,10 +214,7 @@ class Repository:
         self.db.delete_version(version.uid, force=force)
 
     def open_lock_file(self, name: str) -> int:
-        """An fd of DB_DIR/locks/NAME for flock: the locks die with the process, kill -9 included."""
-        lock_dir = os.path.join(os.path.dirname(os.path.abspath(self.db.path)), "locks")
-        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
-        return os.open(os.path.join(lock_dir, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return open_lock_file(self.db.path, name)
 
     @contextlib.contextmanager
     def activity_lock(self, exclusive: bool) -> Iterator[bool]:

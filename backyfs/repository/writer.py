@@ -7,21 +7,26 @@ it references was flushed to the store; until then it is pending, and a re-run r
 
 from __future__ import annotations
 
-import fcntl
-import os
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import IO, Protocol
 
-from backyfs.errors import BackyfsError, SourceError, StateError
+from backyfs.errors import BackyfsError, SourceError
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import Version
 from backyfs.repository.extents import Extent, blocks_touched
-from backyfs.repository.repo import DEFAULT_BLOCK_SIZE, Repository, block_digest, block_key, new_uid
+from backyfs.repository.repo import (
+    DEFAULT_BLOCK_SIZE,
+    Repository,
+    block_digest,
+    block_key,
+    lock_volume,
+    new_uid,
+)
 from backyfs.storage.ratelimit import TokenBucket
 
 CHECKPOINT_SECONDS = 5.0
@@ -69,11 +74,14 @@ class BackupWriter:
                  parent: Version | None = None, hints: list[Extent] | None = None,
                  labels: dict[str, str] | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                  threads: int = 4, read_limit: float = 0, sample_percent: float = 0.5,
-                 snapshot: str | None = None,
+                 snapshot: str | None = None, volume_lock: IO[str] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> None:
+        """volume_lock: the volume's lock (lock_volume) when the caller took it already, as an
+        RBD backup does before its snapshot; the writer releases it at the end of run()."""
         if hints is not None and parent is None:
             raise BackyfsError("hints need a parent version to diff against")
         self.repo, self.source, self.volume = repo, source, volume
+        self.volume_lock = volume_lock
         self.parent, self.hints, self.labels = parent, hints, labels or {}
         self.block_size = parent.block_size if parent else block_size
         self.threads = max(1, threads)
@@ -95,16 +103,10 @@ class BackupWriter:
         with self._volume_lock(), self.repo.activity_lock(exclusive=False):
             return self._run()
 
-    def _volume_lock(self):
-        """One backup per volume at a time on this repository: a second one would resume the first's
-        pending version under its feet. The lock dies with the process, so kill -9 leaves none."""
-        fd = self.repo.open_lock_file(f"{self.volume}.lock")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StateError(f"a backup of volume {self.volume} is already running") from None
-        return os.fdopen(fd)  # closing it (end of the with block) releases the lock
+    def _volume_lock(self) -> IO[str]:
+        if self.volume_lock is not None:
+            return self.volume_lock
+        return lock_volume(self.repo.db.path, self.volume)
 
     def _run(self) -> Version:
         started = time.monotonic()

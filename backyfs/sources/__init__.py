@@ -35,6 +35,7 @@ class OpeningSource:
         self._source: Any = None
         self._error: BaseException | None = None
         self._go = threading.Event()  # the snapshot may be taken (or abandon() was called)
+        self._prefix: str | None = None  # of the snapshot's name, set by snapshot()
         if not (pre_cmd or post_cmd):
             self._go.set()
         self._cancelled = False
@@ -63,6 +64,8 @@ class OpeningSource:
         try:
             if self._cancelled:
                 raise RuntimeError("abandoned before the snapshot")
+            if self._prefix:
+                source.snap_prefix = self._prefix
             source.take_snapshot()
         except BaseException as exc:
             source.close()
@@ -76,8 +79,10 @@ class OpeningSource:
         waits on the cluster, the caller has it to itself."""
         self._loaded.wait(timeout=5)
 
-    def snapshot(self) -> None:
-        """The arguments are fine: the snapshot (with its commands) may be taken once the source is open."""
+    def snapshot(self, prefix: str | None = None) -> None:
+        """The arguments are fine: the snapshot (with its commands) may be taken once the source is
+        open, named with prefix (rbd.snapshot_prefix) when given."""
+        self._prefix = prefix or self._prefix
         self._go.set()
 
     def result(self) -> Any:

@@ -10,6 +10,11 @@ while that one reads: removing a snapshot waits ~60 ms for the monitors (every m
 paxos_min_wait), a wait that would otherwise end every backup. So an image keeps two backyfs
 snapshots between backups, its last version's and the one before, which pins the data overwritten
 in one backup interval.
+
+A backup removes only its own volume's snapshots (under that volume's lock): those its repository
+records for the volume's versions, and those whose name carries the owner tag of this repository
+and volume (snapshot_prefix), which a run killed before it recorded one leaves. Other repositories
+(another host, an off-site copy) and other volumes backing up the same image keep theirs.
 """
 
 from __future__ import annotations
@@ -31,7 +36,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SNAP_PREFIX = "backyfs-"
+HOOK_TIMEOUT = 300.0  # seconds a --pre/--post-snapshot command may take (an fsfreeze takes far less)
 _SPEC_RE = re.compile(r"^rbd:([A-Za-z0-9._-]+)/([A-Za-z0-9._-]+)$")
+
+
+def snapshot_prefix(owner: str) -> str:
+    """The name prefix of the snapshots of one repository's volume (owner: its database path and
+    the volume name): SNAP_PREFIX and 8 hex digits."""
+    import hashlib
+
+    return f"{SNAP_PREFIX}{hashlib.blake2b(owner.encode(), digest_size=4).hexdigest()}-"
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -95,6 +109,7 @@ class RbdSource:
         self._dropping: threading.Thread | None = None  # see drop_old_snapshots()
         self.pre_cmd: str | None = None
         self.post_cmd: str | None = None
+        self.snap_prefix = SNAP_PREFIX  # snapshot_prefix(owner) for a backup: see drop_old_snapshots
 
     @classmethod
     def from_spec(cls, spec: str) -> RbdSource:
@@ -103,8 +118,16 @@ class RbdSource:
     def take_snapshot(self) -> None:
         """Snapshot the image between the pre- and post-snapshot commands; reads then see the snapshot.
         Needs no repository, so it can run while the caller opens one (librbd releases the GIL)."""
-        self.snapshot = f"{SNAP_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(3).hex()}"
-        self._run_hook(self.pre_cmd, "pre-snapshot")
+        self.snapshot = f"{self.snap_prefix}{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(3).hex()}"
+        try:
+            self._run_hook(self.pre_cmd, "pre-snapshot")
+        except BaseException:  # a freeze that failed half-way must still be thawed
+            self.snapshot = None
+            try:
+                self._run_hook(self.post_cmd, "post-snapshot")
+            except Exception as exc:
+                log.warning("%s", exc)
+            raise
         try:
             self.head.create_snap(self.snapshot)
         except BaseException:
@@ -167,39 +190,56 @@ class RbdSource:
         except self.rbd.Error as exc:
             raise SourceError(f"cannot read {self.pool}/{self.name} at offset {offset}: {exc}") from None
 
-    def drop_old_snapshots(self, keep: set[str]) -> None:
-        """Start removing this image's backyfs snapshots other than this run's and those in keep (the
-        snapshots of valid versions a backup may still diff from), in a thread: it is mostly waiting
-        for the monitors, and overlaps the reading. close() waits for it."""
+    def drop_old_snapshots(self, owned: set[str], keep: set[str]) -> None:
+        """Start removing this volume's old snapshots of the image, in a thread: it is mostly waiting
+        for the monitors, and overlaps the reading. close() waits for it. Removed are those in owned
+        (the repository's records of this volume's snapshots) and those named with this run's owner
+        tag (snap_prefix), but never this run's or those in keep (the snapshots of valid versions a
+        backup may still diff from). The caller holds the volume's lock: no run of it is using any."""
         keep = keep | {self.snapshot}
-        self._dropping = threading.Thread(target=self._drop_snapshots, args=(keep,),
+        self._dropping = threading.Thread(target=self._drop_snapshots, args=(owned, keep),
                                           name="drop-snapshots")
         self._dropping.start()
 
-    def _drop_snapshots(self, keep: set[str]) -> None:
+    def _drop_snapshots(self, owned: set[str], keep: set[str]) -> None:
         try:
             snaps = list(self.head.list_snaps())
         except self.rbd.Error as exc:  # harmless: the next backup tries again
             log.warning("cannot list the snapshots of %s/%s to remove old ones: %s",
                         self.pool, self.name, exc)
             return
+        tagged = self.snap_prefix != SNAP_PREFIX  # untagged (a bare source): only what is owned
         for snap in snaps:
-            if snap["name"].startswith(SNAP_PREFIX) and snap["name"] not in keep:
+            name = snap["name"]
+            ours = name in owned or (tagged and name.startswith(self.snap_prefix))
+            if ours and name not in keep:
                 try:
-                    self.head.remove_snap(snap["name"])
+                    self.head.remove_snap(name)
                 except self.rbd.Error as exc:
-                    log.warning("cannot remove old snapshot %s: %s", snap["name"], exc)
+                    log.warning("cannot remove old snapshot %s: %s", name, exc)
 
     def _run_hook(self, cmd: str | None, what: str) -> None:
+        """Run a snapshot command in its own process group, killed whole if it outlives HOOK_TIMEOUT
+        or backyfs is interrupted: a hung freeze must not hang the backup, nor its children stay."""
         if not cmd:
             return
+        import signal
         import subprocess
 
-        result = subprocess.run(cmd, shell=True, capture_output=True, text=True)
-        if result.returncode != 0:
-            lines = (result.stderr or result.stdout).strip().splitlines()
+        proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=HOOK_TIMEOUT)
+        except BaseException as exc:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise SourceError(f"{what} command did not finish in {HOOK_TIMEOUT:.0f} s") from None
+            raise
+        if proc.returncode != 0:
+            lines = (err or out).strip().splitlines()
             detail = f": {lines[-1].strip()}" if lines else ""
-            raise SourceError(f"{what} command failed (exit status {result.returncode}){detail}")
+            raise SourceError(f"{what} command failed (exit status {proc.returncode}){detail}")
 
     def close(self) -> None:
         if self.image is not self.head:
