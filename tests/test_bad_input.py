@@ -545,3 +545,11 @@ def test_an_overlay_on_a_full_disk_can_be_reopened_zeroed_and_committed(small_tm
         assert service.open(new.uid).pread(0, new.size) == bytes(expected)
     finally:
         service.close()
+
+
+def test_rebuild_db_from_an_empty_store_is_an_error(repo_env: RepoEnv) -> None:
+    """A mistyped bucket, pool or prefix finds nothing: that must not look like a rebuilt, empty
+    repository (and leave one behind)."""
+    res = repo_env.run("rebuild-db")
+    assert_one_line_error(res, rc=1, contains="holds no backyfs data")
+    assert not repo_env.db_path.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -367,10 +368,21 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild_db(args: argparse.Namespace) -> int:
-    repo = _repo(args, create=True)
+    cfg = load_config(args.config)
+    had_db = os.path.exists(cfg.db_path)
+    repo = open_repository(cfg)
     if repo.db.versions():
         raise BackyfsError(f"{repo.db.path} is not empty; move it aside to rebuild it from the store")
     result = repo.rebuild_db()
+    if not result["versions"] and not result["objects"] and not result["damaged"]:
+        # A mistyped bucket, pool or prefix: no empty repository that looks rebuilt.
+        repo.close()
+        if not had_db:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(cfg.db_path + suffix)
+        raise BackyfsError(f"the store {repo.store.url} holds no backyfs data: check [store] in the "
+                           "config; nothing was rebuilt")
     print(f"rebuilt {repo.db.path}: {result['versions']} versions, {result['objects']} objects")
     if result["damaged"]:
         raise DataProblem(f"{len(result['damaged'])} damaged version(s): " + "; ".join(result["damaged"]))
