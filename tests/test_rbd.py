@@ -272,8 +272,8 @@ def test_old_snapshots_go_with_the_next_backup(repo_env: RepoEnv, rbd_pool: RbdP
     with rbd.image(image) as img:
         for name in (mine, *others):
             img.create_snap(name)
-    rbd.write(image, 4 * OBJ, rng.randbytes(3 * OBJ))  # 12 MiB to read at 4 MB/s: ~3 s
-    repo_env.use_config("[limits]\nread_mb_s = 4\n")
+    rbd.write(image, 4 * OBJ, rng.randbytes(4 * OBJ))  # 16 MiB to read at 2 MB/s: ~8 s
+    repo_env.use_config("[limits]\nread_mb_s = 2\n")
     before = set(rbd.backyfs_snapshots(image))
     proc = repo_env.popen("backup", rbd.spec(image), "vm")
     deadline = time.monotonic() + 30
@@ -296,7 +296,7 @@ def test_old_snapshots_go_with_the_next_backup(repo_env: RepoEnv, rbd_pool: RbdP
     stats, _ = backup(repo_env, rbd.spec(image), "vm")
     latest = show(repo_env, stats["uid"])
     assert stats["parent"] == uids[-1]
-    assert stats["bytes_read"] == (3 + stats["blocks_sampled"]) * OBJ  # a diff, not a full read
+    assert stats["bytes_read"] == (4 + stats["blocks_sampled"]) * OBJ  # a diff, not a full read
     assert sorted(rbd.backyfs_snapshots(image)) == sorted([snaps[-1], latest["snapshot"], *others])
     rbd.remember_allocation(latest["uid"], image, latest["snapshot"])
     restore_and_compare(repo_env, rbd, latest["uid"], rbd.export(image, latest["snapshot"]))
