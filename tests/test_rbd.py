@@ -337,7 +337,7 @@ def test_a_refused_concurrent_backup_neither_takes_nor_removes_a_snapshot(repo_e
     rbd.write(image, 0, random.Random(4).randbytes(6 * OBJ))
     backup(repo_env, rbd.spec(image), "vm")
     rbd.write(image, 0, random.Random(5).randbytes(6 * OBJ))
-    repo_env.use_config("[limits]\nread_mb_s = 8\n")  # 24 MiB changed: ~3 s
+    repo_env.use_config("[limits]\nread_mb_s = 4\n")  # 24 MiB changed: ~6 s
     proc = repo_env.popen("backup", rbd.spec(image), "vm", "--json")
     deadline = time.monotonic() + 30
     while len(rbd.backyfs_snapshots(image)) < 2 and time.monotonic() < deadline:

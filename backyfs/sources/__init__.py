@@ -25,10 +25,10 @@ def open_source(spec: str) -> Any:
 class OpeningSource:
     """A backup source being opened in a thread. For RBD that is loading librbd and connecting, then
     taking the snapshot: mostly waiting on the cluster with the GIL released, so it overlaps the
-    caller opening the repository. With pre/post-snapshot commands (which act on the VM, e.g. freeze
-    its filesystems) the snapshot waits until the caller has checked its arguments and calls
-    snapshot(); without, it is taken at once, and removed again by abandon() if the backup does not
-    go on. A file source opens on result(), in the caller's thread."""
+    caller opening the repository. The snapshot waits until the caller calls snapshot(): it has
+    checked its arguments (pre/post-snapshot commands act on the VM, e.g. freeze its filesystems),
+    holds the volume's lock, and names the snapshot's owner. abandon() removes a snapshot taken
+    when the backup does not go on. A file source opens on result(), in the caller's thread."""
 
     def __init__(self, spec: str, pre_cmd: str | None, post_cmd: str | None) -> None:
         self.spec, self.pre_cmd, self.post_cmd = spec, pre_cmd, post_cmd
@@ -36,8 +36,6 @@ class OpeningSource:
         self._error: BaseException | None = None
         self._go = threading.Event()  # the snapshot may be taken (or abandon() was called)
         self._prefix: str | None = None  # of the snapshot's name, set by snapshot()
-        if not (pre_cmd or post_cmd):
-            self._go.set()
         self._cancelled = False
         self._loaded = threading.Event()  # the thread has loaded librados and librbd
         self._thread: threading.Thread | None = None
