@@ -41,10 +41,14 @@ class UsageError(BackyfsError):
 
 def _repo(args: argparse.Namespace, create: bool = False, **limits: float | None):
     """The configured repository; one that does not exist yet is made only with create."""
+    return _config_and_repo(args, create, **limits)[1]
+
+
+def _config_and_repo(args: argparse.Namespace, create: bool = False, **limits: float | None):
     cfg = load_config(args.config)
     if not create:
         require_repository(cfg)
-    return open_repository(cfg, **limits)
+    return cfg, open_repository(cfg, **limits)
 
 
 def require_repository(cfg) -> None:
@@ -313,9 +317,7 @@ def _shown(key: str, value: object) -> str:
 def cmd_rm(args: argparse.Namespace) -> int:
     from backyfs.export.overlay import discard_overlay, list_overlays
 
-    cfg = load_config(args.config)
-    require_repository(cfg)
-    repo = open_repository(cfg)
+    cfg, repo = _config_and_repo(args)
     version = repo.resolve(args.version)
     if version.uid != args.version and not args.version.startswith(version.uid[:4]):
         raise BackyfsError(f"rm needs a version uid, not a volume name ({args.version!r})")

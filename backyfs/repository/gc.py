@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from backyfs.errors import NotFound
 from backyfs.repository import mapstore
-from backyfs.repository.repo import Repository, block_key, stored_version_uids
+from backyfs.repository.repo import Repository, block_key, stored_versions
 
 STALE_AFTER = 900.0  # a pending backup silent this long (no checkpoint) is considered dead
 TEMPORARY_MAX_AGE = 6 * 3600.0  # a put's temporary file this old belongs to a killed process
@@ -35,7 +35,7 @@ class GcResult:
     revived: int = 0
     waiting: int = 0  # condemned, but an older backup is still running
     deferred: bool = False  # a backup was running, or versions are foreign: nothing was deleted
-    foreign: list[str] = field(default_factory=list)  # see foreign_versions()
+    foreign: list[str] = field(default_factory=list)  # see _unknown_versions()
 
 
 def referenced_digests(repo: Repository) -> set[bytes]:
@@ -53,24 +53,18 @@ def collect_garbage(repo: Repository, dry_run: bool = False) -> GcResult:
         return _collect(repo, dry_run, alone)
 
 
-def foreign_versions(repo: Repository) -> set[str]:
-    """Versions whose metadata is in the store but not in this database: another host's sharing the
-    store (blocks are content-addressed, so hosts share them too), or ones rebuild-db left out."""
-    return stored_version_uids(repo.store) - {v.uid for v in repo.db.versions()}
-
-
-def _drop_remnants(repo: Repository) -> int:
-    """Delete block maps an interrupted rm left without their metadata (no version has them)."""
+def _unknown_versions(repo: Repository) -> tuple[set[str], set[str]]:
+    """Of the store's versions this database does not know: those with metadata (foreign: another
+    host's sharing the store, since blocks are content-addressed, or ones rebuild-db left out),
+    and block maps an interrupted rm left without their metadata (remnants: no version has them)."""
     known = {v.uid for v in repo.db.versions()}
-    remnants = stored_version_uids(repo.store, remnants=True) - known
-    for uid in remnants:
-        mapstore.delete_map(repo.store, uid)
-    return len(remnants)
+    with_meta, maps_only = stored_versions(repo.store)
+    return with_meta - known, maps_only - known
 
 
 def _collect(repo: Repository, dry_run: bool, alone: bool) -> GcResult:
     now = time.time()
-    foreign = foreign_versions(repo)
+    foreign, remnants = _unknown_versions(repo)
     alone = alone and not foreign  # their block maps may name any block: delete nothing
     result = GcResult(deferred=not alone, foreign=sorted(foreign))
     live = [v for v in repo.db.versions(state="pending") if v.heartbeat and v.heartbeat > now - STALE_AFTER]
@@ -90,7 +84,8 @@ def _collect(repo: Repository, dry_run: bool, alone: bool) -> GcResult:
         return result
     repo.db.mark_blocks(revive, "ok")
     if alone:
-        _drop_remnants(repo)
+        for uid in remnants:
+            mapstore.delete_map(repo.store, uid)
         repo.store.sweep_temporary(TEMPORARY_MAX_AGE)
     for digest in doomed:
         repo.store.delete(block_key(digest))

@@ -77,9 +77,10 @@ def new_uid() -> str:
     return secrets.token_hex(6)
 
 
-def stored_version_uids(store: ObjectStore, remnants: bool = False) -> set[str]:
-    """Versions whose metadata is in the store; with remnants, instead the uids that have only a
-    block map left there (an rm killed after deleting the metadata, which it deletes first)."""
+def stored_versions(store: ObjectStore) -> tuple[set[str], set[str]]:
+    """From one listing of the store's versions/: the uids whose metadata is there, and those
+    that have only a block map left (an rm killed after deleting the metadata, which it deletes
+    first). One listing: a RADOS store lists every object of its pool for it."""
     with_meta, any_key = set(), set()
     for key in store.list("versions/"):
         parts = key.split("/")
@@ -87,7 +88,7 @@ def stored_version_uids(store: ObjectStore, remnants: bool = False) -> set[str]:
             any_key.add(parts[1])
             if parts[2] == "meta.json":
                 with_meta.add(parts[1])
-    return any_key - with_meta if remnants else with_meta
+    return with_meta, any_key - with_meta
 
 
 def open_lock_file(db_path: str, name: str) -> int:
@@ -237,7 +238,7 @@ class Repository:
         """Fill an empty DB from the store: versions, block maps, and the object index. A version
         whose metadata is missing or damaged is left out (listed under "damaged") rather than
         failing the rest: recovering from the store alone is for stores that may be hurt."""
-        uids = sorted(stored_version_uids(self.store))
+        uids = sorted(stored_versions(self.store)[0])
         versions: list[tuple[Version, BlockMap]] = []
         damaged: list[str] = []
         for uid in uids:
