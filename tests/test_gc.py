@@ -272,3 +272,35 @@ def test_a_sparse_restore_counts_its_holes_and_ends_its_progress(tmp_path):
     assert calls[-1] == (version.size, version.size)
     assert result.bytes_zero == 8 * MiB and result.bytes_written == 4 * MiB
     assert out.read_bytes() == bytes(4 * MiB) + data + bytes(4 * MiB)
+
+
+class _OverwrittenTarget:
+    """A target that does not read as zeros (an RBD image or a device restored with --force)."""
+    zeroed = False
+
+    def __init__(self, size: int) -> None:
+        self.image = bytearray(os.urandom(size))
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        self.image[offset:offset + len(data)] = data
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.image[offset:offset + length] = bytes(length)
+
+    def finish(self) -> None:
+        pass
+
+    def abandon(self) -> str:
+        return ""
+
+
+def test_a_restore_over_old_content_counts_zero_blocks_as_zeros_not_data(tmp_path):
+    """Onto a target with old content zero blocks are written as zeros: they are zero bytes in the
+    summary, not data (an RBD restore with --force reported the whole size as data)."""
+    repo = _repo(tmp_path)
+    data = os.urandom(4 * MiB)
+    version = _backup(repo, _image(tmp_path / "img", [bytes(4 * MiB), data, bytes(4 * MiB)]))
+    target = _OverwrittenTarget(version.size)
+    result = restore(repo, version, target)
+    assert result.bytes_zero == 8 * MiB and result.bytes_written == 4 * MiB
+    assert bytes(target.image) == bytes(4 * MiB) + data + bytes(4 * MiB)

@@ -85,8 +85,9 @@ def restore(repo: Repository, version: Version, target: RestoreTarget, *, thread
                 length = 0
         with lock:
             if digest is None:
-                result.bytes_zero += blockmap.block_length(block_idx)
-            result.bytes_written += length
+                result.bytes_zero += length
+            else:
+                result.bytes_written += length
             done[0] += blockmap.block_length(block_idx)
             if progress:
                 progress(done[0], blockmap.size)
