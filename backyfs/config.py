@@ -274,4 +274,8 @@ def open_repository(cfg: Config, **limits: float | None):
     except OSError as exc:
         raise ConfigError(f"cannot use data directory {cfg.data_dir}: {exc.strerror}") from None
     store = open_store(cfg, **limits)
+    import logging
+
+    logging.getLogger(__name__).debug("config: %s; store: %s; metadata: %s", cfg.source,
+                                      store.url, cfg.db_path)
     return Repository(store, MetadataDB(cfg.db_path), cfg.compression_level)

@@ -345,3 +345,22 @@ def test_rm_refuses_a_version_with_overlays_unless_forced(repo_env: RepoEnv, tmp
     repo.close()
     repo_env.ok("overlay", "discard", second[:6], "--name", "scratch")
     assert list_overlays(cfg.overlay_dir) == []
+
+
+def test_verbose_says_what_a_backup_and_a_restore_do(repo_env: RepoEnv, tmp_path: Path) -> None:
+    """-v logs the configuration in use and each step's plan (it used to print nothing of backyfs's);
+    without it, none of that."""
+    img = write_image(tmp_path / "img", ["rand"] * 3 + ["hole"] + ["text"])
+    repo_env.backup(img, "vm")
+    overwrite_blocks(img, [1])
+    hints = hints_for(tmp_path / "diff.json", [1])
+    res = repo_env.run("-v", "backup", img, "vm", "--hints", hints)
+    assert res.rc == 0, res.err
+    assert f"store: file:{repo_env.store_dir}" in res.err
+    assert ("reading 2 blocks (1 of them a sample of unchanged ones to check the diff), "
+            "2 taken from the parent") in res.err
+    assert "bytes_new=4194304" in res.err
+    res = repo_env.run("-v", "restore", "vm", tmp_path / "out")
+    assert res.rc == 0 and "onto a target that reads as zeros" in res.err
+    quiet = repo_env.run("restore", "vm", tmp_path / "out2")
+    assert quiet.rc == 0 and "DEBUG" not in quiet.err

@@ -16,12 +16,15 @@ maps is then seen as live, not missed on both sides.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 from backyfs.errors import NotFound
 from backyfs.repository import mapstore
 from backyfs.repository.repo import Repository, block_key, stored_versions
+
+log = logging.getLogger(__name__)
 
 STALE_AFTER = 900.0  # a pending backup silent this long (no checkpoint) is considered dead
 TEMPORARY_MAX_AGE = 6 * 3600.0  # a put's temporary file this old belongs to a killed process
@@ -77,6 +80,11 @@ def _collect(repo: Repository, dry_run: bool, alone: bool) -> GcResult:
     result.revived, result.waiting = len(revive), len(condemned) - len(revive) - len(doomed)
     fresh = known - referenced - {d for d, _ in condemned}
     result.condemned = len(fresh)
+    log.debug("gc: %d blocks stored, %d referenced, %d condemned by earlier runs; %s; live backups: %s; "
+              "foreign versions: %s; rm remnants: %s", len(known), len(referenced), len(condemned),
+              "may delete" if alone else "deletes nothing (a backup runs, or foreign versions)",
+              ", ".join(v.uid for v in live) or "none", ", ".join(sorted(foreign)) or "none",
+              ", ".join(sorted(remnants)) or "none")
     sizes = repo.db.block_info(doomed)
     if dry_run:  # what this run would do, counted the same way
         result.deleted = len(doomed)

@@ -6,6 +6,7 @@ its range is left as zeros, the rest is restored, and the caller gets a non-zero
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +59,9 @@ def restore(repo: Repository, version: Version, target: RestoreTarget, *, thread
 
     started = time.monotonic()
     blockmap = repo.blockmap(version)
+    logging.getLogger(__name__).debug(
+        "restoring %s: %d bytes, %d stored blocks, %d threads, onto a target that %s", version.uid,
+        blockmap.size, len(blockmap), threads, "reads as zeros" if target.zeroed else "has old content")
     result = RestoreResult()
     lock = threading.Lock()
     done = [0]

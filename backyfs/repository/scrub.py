@@ -7,6 +7,7 @@ next backup of the same data) turns valid again after a full scrub.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections.abc import Callable
@@ -40,6 +41,8 @@ def scrub(repo: Repository, versions: list[Version], *, deep: bool, percent: flo
     if percent < 100:
         digests = random.sample(digests, max(1, round(len(digests) * percent / 100))) if digests else []
     sizes = repo.db.block_info(digests)
+    logging.getLogger(__name__).debug("%s: %d objects of %d versions, %d threads",
+                                      "deep-scrub" if deep else "scrub", len(digests), len(versions), threads)
     result = ScrubResult()
     lock = threading.Lock()
 

@@ -7,6 +7,7 @@ it references was flushed to the store; until then it is pending, and a re-run r
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -28,6 +29,8 @@ from backyfs.repository.repo import (
     new_uid,
 )
 from backyfs.storage.ratelimit import TokenBucket
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_SECONDS = 5.0
 
@@ -114,7 +117,13 @@ class BackupWriter:
         self.uid = version.uid
         self.repo.db.update_version(version.uid, heartbeat=time.time())
         self.known = self.repo.db.known_digests()
+        log.debug("%s version %s of %s (parent %s, %d bytes in %d-byte blocks; %d blocks stored)",
+                  "resuming" if self.resumed else "new", version.uid, self.volume, version.parent,
+                  self.source.size, self.block_size, len(self.known))
         plan = self._plan()
+        log.debug("reading %d blocks (%d of them a sample of unchanged ones to check the diff), "
+                  "%d taken from the parent", len(plan.to_read), len(plan.sample),
+                  len(plan.base) - len(set(plan.base) & set(plan.to_read)))
         try:
             blocks = self._process(plan)
         except HintsMismatch:
@@ -130,6 +139,8 @@ class BackupWriter:
         self.repo.save_version(version, blockmap)
         self.repo.store.flush()
         self.repo.set_state(version, "valid")
+        log.debug("version %s is valid after %.2f s: %s", version.uid, time.monotonic() - started,
+                  " ".join(f"{name}={value}" for name, value in self.stats.as_dict().items()))
         return self.repo.db.get_version(version.uid)
 
     def _repair_damaged(self, blocks: dict[int, bytes]) -> None:

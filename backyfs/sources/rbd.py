@@ -138,6 +138,7 @@ class RbdSource:
             self._run_hook(self.post_cmd, "post-snapshot")
             self.image = self.rbd.Image(self.conn.ioctx, self.name, snapshot=self.snapshot, read_only=True)
             self.size = self.image.size()
+            log.debug("took the snapshot %s/%s@%s (%d bytes)", self.pool, self.name, self.snapshot, self.size)
         except BaseException:  # the snapshot will not be used: it must not stay and pin data
             self.discard_snapshot()
             raise
@@ -179,6 +180,9 @@ class RbdSource:
             return 0
 
         self.image.diff_iterate(0, self.size, from_snapshot, collect, whole_object=True)
+        log.debug("%s since %s: %d extents, %d bytes (%d bytes removed)",
+                  "changed" if from_snapshot else "allocated", from_snapshot or "creation", len(extents),
+                  sum(e.length for e in extents if e.exists), sum(e.length for e in extents if not e.exists))
         return extents
 
     def data_extents(self) -> list[Extent]:
@@ -215,6 +219,7 @@ class RbdSource:
             if ours and name not in keep:
                 try:
                     self.head.remove_snap(name)
+                    log.debug("removed the old snapshot %s/%s@%s", self.pool, self.name, name)
                 except self.rbd.Error as exc:
                     log.warning("cannot remove old snapshot %s: %s", name, exc)
 
