@@ -115,6 +115,34 @@ def test_differential_with_hints_reads_only_hinted_blocks(repo_env: RepoEnv, tmp
     assert files_equal(img, restore_to(repo_env, v2["uid"], tmp_path / "r2"))
 
 
+def test_empty_hints_neither_read_nor_list_the_source(repo_env: RepoEnv, tmp_path: Path) -> None:
+    """An idle volume (an empty RBD diff) backs up from its parent's map alone: no block is read
+    and the source's allocation is not even listed (a second on a fragmented 1 TiB RBD image)."""
+    img = write_image(tmp_path / "img", ["rand", "hole", "text"])
+    repo_env.backup(img, "vm")
+    repo = open_repository(load_config())
+    parent = repo.resolve("vm")
+
+    class Watched(FileSource):
+        calls: list[str] = []
+
+        def data_extents(self):
+            self.calls.append("data_extents")
+            return super().data_extents()
+
+        def pread(self, offset: int, length: int) -> bytes:
+            self.calls.append("pread")
+            return super().pread(offset, length)
+
+    source = Watched(str(img))
+    version = BackupWriter(repo, source, "vm", parent=parent, hints=[]).run()
+    source.close()
+    assert Watched.calls == []
+    assert version.state == "valid" and version.stats["bytes_unchanged"] == 2 * BS
+    repo.close()
+    assert files_equal(img, restore_to(repo_env, version.uid, tmp_path / "r"))
+
+
 def test_hints_with_discarded_extent(repo_env: RepoEnv, tmp_path: Path) -> None:
     img = write_image(tmp_path / "img", ["rand"] * 6)
     repo_env.backup(img, "vm")
