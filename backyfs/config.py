@@ -38,6 +38,7 @@ import re
 from dataclasses import dataclass, field
 
 from backyfs.errors import ConfigError
+from backyfs.fsutil import makedirs_private
 
 ENV_CONFIG = "BACKYFS_CONFIG"
 ENV_DATA_DIR = "BACKYFS_DATA_DIR"
@@ -270,7 +271,7 @@ def open_repository(cfg: Config, **limits: float | None):
     from backyfs.repository.repo import Repository
 
     try:
-        os.makedirs(cfg.data_dir, mode=0o700, exist_ok=True)
+        makedirs_private(cfg.data_dir)
     except OSError as exc:
         raise ConfigError(f"cannot use data directory {cfg.data_dir}: {exc.strerror}") from None
     store = open_store(cfg, **limits)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from backyfs.cli import helptext
 from backyfs.cli.progress import Progress
 from backyfs.errors import BackyfsError, StateError
+from backyfs.fsutil import makedirs_private
 
 # Imported by the commands when they run, not with the parser: an RBD backup starts loading librbd and
 # connecting (sources.OpeningSource) right after parsing, so what comes before that is kept short.
@@ -114,7 +115,7 @@ def _open_backup(args: argparse.Namespace):
         volume = check_volume_name(args.volume)
         # The volume's lock before the snapshot: a run refused as concurrent must neither leave a
         # snapshot nor remove one that the running backup reads.
-        os.makedirs(cfg.data_dir, mode=0o700, exist_ok=True)
+        makedirs_private(cfg.data_dir)
         volume_lock = lock_volume(cfg.db_path, volume)
         opening.snapshot(_snapshot_prefix(cfg, volume) if takes_snapshots(args.source) else None)
         repo = open_repository(cfg, read_mb_s=None, write_mb_s=args.write_limit)

@@ -22,6 +22,7 @@ from backyfs.cli.commands import UsageError
 from backyfs.config import Config, load_config
 from backyfs.errors import BackyfsError, NotFound
 from backyfs.export.overlay import check_overlay_name
+from backyfs.fsutil import makedirs_private
 
 PLUGIN_ENV = "BACKYFS_NBD_PLUGIN"  # overrides where the plugin script is looked for
 # nbdkit threads per connection. Every request needs the GIL, and a thread whose 4 MiB reply waits
@@ -141,7 +142,7 @@ def _is_loopback(host: str) -> bool:
 def ensure_psk(path: str, user: str = "backyfs") -> str:
     """Create a PSK file (username:hexkey, mode 0600) if missing; return its username."""
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        makedirs_private(os.path.dirname(os.path.abspath(path)))
         if shutil.which("psktool"):
             subprocess.run(["psktool", "-u", user, "-p", path], check=True, capture_output=True)
             os.chmod(path, 0o600)
@@ -210,7 +211,8 @@ class Supervisor:
             self._wait_ready(plan.endpoint)
             if plan.endpoint.socket:  # nbdkit makes it 0755 whatever our umask; its dir is 0700 anyway
                 os.chmod(plan.endpoint.socket, 0o600)
-            with open(plan.pid_file, "w") as f:
+            with open(os.open(plan.pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
+                      "w") as f:
                 f.write(f"{os.getpid()}\n")
         except BaseException:
             if self.proc.poll() is None:
@@ -326,7 +328,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.tls_psk:
         endpoint.psk_file = os.path.abspath(args.tls_psk)
         endpoint.tls_user = ensure_psk(endpoint.psk_file)
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    makedirs_private(run_dir)
     return Plan(nbdkit_command(endpoint, args, args.exports), plugin_env(cfg), endpoint,
                 f"{base}.pid", f"{base}.log", [name for name, _uid in exports], args.writable)
 

@@ -15,6 +15,8 @@ from collections import OrderedDict
 
 import cachetools
 
+from backyfs.fsutil import makedirs_private
+
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +51,7 @@ class DiskCache:
         self.lock = threading.Lock()
         self.index: OrderedDict[str, tuple[int, float]] = OrderedDict()  # hex -> (size, last touch)
         self.total = 0
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        makedirs_private(root)
         self._load()
 
     def _load(self) -> None:
@@ -109,7 +111,7 @@ class DiskCache:
         path = self._path(hexd)
         tmp = f"{path}.tmp{threading.get_ident()}"
         try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            makedirs_private(os.path.dirname(path))
             with open(tmp, "wb") as f:
                 os.fchmod(f.fileno(), 0o600)
                 f.write(data)

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 from backyfs.errors import BackyfsError, NotFound, StateError
+from backyfs.fsutil import makedirs_private
 
 CLEAN, DIRTY, TRIMMED = 0, 1, 2
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -88,7 +89,7 @@ class Overlay:
         except (OSError, ValueError):
             pass
         tmp = os.path.join(self.path, "meta.json.tmp")
-        with open(tmp, "w") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
             json.dump(meta, f)
         os.rename(tmp, os.path.join(self.path, "meta.json"))
 
@@ -184,7 +185,7 @@ def _lock_overlay_dir(path: str, busy: str) -> int:
     """Lock the overlay directory at path (made if missing); returns the lock's fd. A discard may
     rename the directory away between our open and our lock: then lock the new one instead."""
     for _ in range(3):
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        makedirs_private(path)
         lock_path = os.path.join(path, "lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

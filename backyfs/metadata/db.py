@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from backyfs.errors import BackyfsError, NotFound, StateError
+from backyfs.fsutil import makedirs_private
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.schema import SCHEMA_VERSION, create_tables
 
@@ -55,7 +56,7 @@ class MetadataDB:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            makedirs_private(os.path.dirname(os.path.abspath(path)))
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode = WAL")

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import IO
 
 from backyfs.errors import BackyfsError, CorruptObject, NotFound, ObjectMissing, StateError
+from backyfs.fsutil import makedirs_private
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import MetadataDB, Version
 from backyfs.repository import mapstore
@@ -94,7 +95,7 @@ def stored_versions(store: ObjectStore) -> tuple[set[str], set[str]]:
 def open_lock_file(db_path: str, name: str) -> int:
     """An fd of DB_DIR/locks/NAME for flock: the locks die with the process, kill -9 included."""
     lock_dir = os.path.join(os.path.dirname(os.path.abspath(db_path)), "locks")
-    os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+    makedirs_private(lock_dir)
     return os.open(os.path.join(lock_dir, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
 
-from backyfs.errors import ObjectMissing, StoreUnavailable
+from backyfs.errors import CorruptObject, ObjectMissing, StoreUnavailable
+from backyfs.fsutil import makedirs_private
 from backyfs.storage.base import ObjectStore
 
 
@@ -30,7 +32,7 @@ class FilesystemStore(ObjectStore):
         self._dirty_dirs: set[str] = set()
         self._dirty_files: set[str] = set()
         try:
-            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            makedirs_private(self.root)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create store directory {self.root}: {exc.strerror}") from None
 
@@ -49,7 +51,7 @@ class FilesystemStore(ObjectStore):
         directory = os.path.dirname(path)
         try:
             if not os.path.isdir(directory):
-                os.makedirs(directory, mode=0o700, exist_ok=True)
+                makedirs_private(directory)
                 self._touched(os.path.dirname(directory))  # the new directory's own entry
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -65,12 +67,28 @@ class FilesystemStore(ObjectStore):
             reason = "store is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
             raise StoreUnavailable(f"cannot write {key} to {self.url}: {reason}") from None
 
-    def get(self, key: str) -> bytes:
+    def _open_object(self, key: str) -> int:
+        """A read-only descriptor of key's file. Something else in its place (a directory, a FIFO that
+        would block the open or read for ever, a device) is a corrupt object, not a dead store."""
         try:
-            with open(self._path(key), "rb") as f:
-                return f.read()
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise ObjectMissing(f"object {key} is missing from {self.url}") from None
+        except IsADirectoryError:
+            fd = None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {key} from {self.url}: {exc.strerror}") from None
+        if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        if fd is not None:
+            os.close(fd)
+        raise CorruptObject(f"{key}: not a regular file in {self.url}")
+
+    def get(self, key: str) -> bytes:
+        fd = self._open_object(key)
+        try:
+            with open(fd, "rb", closefd=True) as f:
+                return f.read()
         except OSError as exc:
             raise StoreUnavailable(f"cannot read {key} from {self.url}: {exc.strerror}") from None
 
@@ -79,12 +97,7 @@ class FilesystemStore(ObjectStore):
         read: the pages stay the page cache's, so a memory cache of blocks grows no anonymous memory
         (whose first touch is slow on VMs) and nothing is copied. Objects are never modified in
         place (written by rename, removed by unlink), so a mapping stays valid as long as it lives."""
-        try:
-            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ObjectMissing(f"object {key} is missing from {self.url}") from None
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot read {key} from {self.url}: {exc.strerror}") from None
+        fd = self._open_object(key)
         try:
             size = os.fstat(fd).st_size
             if size <= head:  # too short to hold a payload: the caller reports the truncation
@@ -103,7 +116,7 @@ class FilesystemStore(ObjectStore):
         # reading threads verify this one (a cold export read ran 7% faster).
         for key in keys:
             try:
-                fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             except OSError:
                 continue  # a missing object is reported by the read that needs it
             try:
@@ -129,7 +142,16 @@ class FilesystemStore(ObjectStore):
         # Walk only the directory the prefix points into, so listing "versions/" does not visit blocks.
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = os.path.join(self.root, base) if base else self.root
-        for dirpath, _dirs, files in os.walk(start):
+
+        def unreadable(exc: OSError) -> None:
+            # A directory that vanished (no versions yet, or one rm'd meanwhile) lists nothing; one that
+            # cannot be read must fail the listing: rebuild-db would leave its versions out, and gc
+            # would then delete their blocks as unreferenced.
+            if not isinstance(exc, FileNotFoundError):
+                raise StoreUnavailable(f"cannot list {exc.filename or start} in {self.url}: "
+                                       f"{exc.strerror}") from None
+
+        for dirpath, _dirs, files in os.walk(start, onerror=unreadable):
             rel = os.path.relpath(dirpath, self.root)
             for name in files:
                 if ".tmp." in name:
