@@ -346,7 +346,23 @@ def test_serve_tcp_with_tls_psk(bk, image, uid, tmp_path):
         info = nh.run("qemu-img", "info", "--output=json", "--object", obj, "--image-opts", drive)
         assert json.loads(info.stdout)["virtual-size"] == -(-image.stat().st_size // 512) * 512  # sectors
     finally:
-        srv.stop()
+        _, err = srv.stop()
+    assert "warning" not in err
+    psk.chmod(0o644)  # a key others can read guards nothing: refused, as ssh refuses such keys
+    proc = bk.run("serve", "--listen", f"127.0.0.1:{port}", "--tls-psk", psk, uid)
+    assert proc.returncode == 1 and f"chmod 600 {psk}" in proc.stderr
+
+
+def test_serve_tcp_without_tls_warns_that_every_local_user_can_read(bk, image, uid, tmp_path):
+    """Loopback TCP is reachable by every user of the machine, unlike the 0600 unix socket."""
+    port = nh.free_port()
+    srv = nh.serve(bk, "--listen", f"127.0.0.1:{port}", uid)
+    try:
+        nh.run("nbdcopy", srv.url(uid), tmp_path / "r.img")
+        assert nh.same_bytes(tmp_path / "r.img", image)
+    finally:
+        _, err = srv.stop()
+    assert "warning: TCP without --tls-psk: every user of this machine can read these exports" in err
 
 
 def test_help_texts():
@@ -404,3 +420,15 @@ def test_serve_foreground_whose_reader_goes_away_leaves_nothing(bk, uid):
     assert proc.returncode == 0, proc.stderr  # the pipeline's status is true's
     assert not bk.socket.exists() and not bk.pid_file.exists()
     assert "Traceback" not in proc.stderr
+
+
+def test_the_url_of_a_server_on_every_address_names_this_host():
+    """nbds://backyfs@0.0.0.0:PORT/... is no address a client can use."""
+    import socket
+
+    from backyfs.cli.serve import Endpoint
+
+    for host, shown in (("0.0.0.0", socket.gethostname()), ("::", socket.gethostname()),
+                        ("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")):
+        endpoint = Endpoint(host=host, port=10809, tls_user="backyfs", psk_file="/k.psk")
+        assert endpoint.url("vm") == f"nbds://backyfs@{shown}:10809/vm?tls-psk-file=/k.psk"

@@ -67,7 +67,10 @@ class Endpoint:
         if self.socket:
             query.insert(0, f"socket={self.socket}")
             return f"{scheme}+unix://{user}/{export}?{'&'.join(query)}"
-        host = f"[{self.host}]" if ":" in (self.host or "") else self.host
+        host = self.host or ""
+        if host in ("0.0.0.0", "::"):  # every address: a client needs one of them
+            host = socket.gethostname()
+        host = f"[{host}]" if ":" in host else host
         return f"{scheme}://{user}{host}:{self.port}/{export}" + (f"?{query[0]}" if query else "")
 
     def qemu_args(self, export: str, writable: bool) -> str:
@@ -150,6 +153,10 @@ def ensure_psk(path: str, user: str = "backyfs") -> str:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(f"{user}:{secrets.token_hex(32)}\n")
+    mode = os.stat(path).st_mode
+    if mode & 0o077:  # as ssh does with private keys: the key is the only thing guarding the exports
+        raise BackyfsError(f"{path} can be read by other users (mode {stat.S_IMODE(mode):o}): "
+                           f"chmod 600 {path}")
     with open(path) as f:
         first = f.readline().strip()
     name, sep, key = first.partition(":")
@@ -318,6 +325,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if not args.tls_psk and not _is_loopback(host):
             raise UsageError(f"serving on {host} without --tls-psk would give every backup to the "
                                "network: add --tls-psk FILE, or listen on loopback")
+        if not args.tls_psk:
+            print("backyfs: warning: TCP without --tls-psk: every user of this machine can read these "
+                  f"exports{' and write their overlays' if args.writable else ''}; the default unix "
+                  "socket (mode 0600) or --tls-psk FILE keeps them yours", file=sys.stderr)
         endpoint = Endpoint(host=host, port=port)
         base = os.path.join(run_dir, f"nbd-tcp-{port}")
     else:
