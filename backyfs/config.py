@@ -105,6 +105,8 @@ def load_config(path: str | None = None) -> Config:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes the bytes itself
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {exc.start})") from None
     return _from_dict(raw, path)
 
 

@@ -147,6 +147,15 @@ def test_wrong_config(tmp_path: Path, image: Path, config: str, message: str) ->
     assert "31415926" not in proc.stderr  # the secret of the s3-secret-not-echoed case
 
 
+def test_a_config_that_is_not_utf8(tmp_path: Path, image: Path) -> None:
+    """A config saved in Latin-1 gave a UnicodeDecodeError traceback."""
+    cfg = tmp_path / "backyfs.toml"
+    cfg.write_bytes(f'data_dir = "{tmp_path / "data"}"\n# caf\xe9\n'.encode("latin-1"))
+    proc = subprocess.run([BACKYFS, "--config", str(cfg), "ls"], capture_output=True, text=True, timeout=60)
+    assert_one_line_error(Result(proc.returncode, proc.stdout, proc.stderr), rc=1,
+                          contains=f"config {cfg} is not UTF-8 text")
+
+
 def test_the_documented_config_is_accepted(tmp_path: Path) -> None:
     """The example in backyfs/config.py's docstring, which names every setting, loads as written,
     and with its commented S3 and RADOS settings filled in too."""
