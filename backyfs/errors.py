@@ -32,3 +32,9 @@ class SourceError(BackyfsError):
 
 class StateError(BackyfsError):
     """The operation is not allowed in the current state (protected version, pending parent...)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, systemctl stop), raised like Ctrl-C's KeyboardInterrupt so that work in
+    progress is cleaned up the same way: a restore removes its partial file, a backup stops its
+    snapshot commands and leaves its version pending, to resume."""

@@ -251,11 +251,12 @@ def test_restore_onto_a_full_disk_removes_what_it_created(repo_env: RepoEnv, sma
 
 
 def test_interrupted_restore_removes_what_it_created(repo_env: RepoEnv, tmp_path: Path) -> None:
-    """Ctrl-C during a restore into a new file: exit 130, and the partial file is gone."""
+    """Ctrl-C or SIGTERM (a timeout, systemctl stop) during a restore into a new file: exit 130 or
+    143, and the partial file is gone (SIGTERM left it); after kill -9, a later restore removes it."""
     repo_env.use_config("[limits]\nread_mb_s = 16\n")  # 32 MiB of blocks take ~2 s to read
     uid = repo_env.backup(write_image(tmp_path / "img", ["rand"] * 8), "vm")["uid"]
     out = tmp_path / "out.img"
-    for sig in (signal.SIGINT, signal.SIGKILL):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         proc = repo_env.popen("restore", uid, out)
         deadline = time.monotonic() + 30
         while not _restoring(out) and time.monotonic() < deadline:  # the restore has begun writing
@@ -264,12 +265,17 @@ def test_interrupted_restore_removes_what_it_created(repo_env: RepoEnv, tmp_path
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
         assert not out.exists()  # a killed restore never leaves a file that looks complete
-        if sig == signal.SIGINT:
-            assert proc.returncode == 130, err
+        if sig != signal.SIGKILL:
+            assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
             assert f"removed the incomplete {out}" in err and not _restoring(out)
-    assert _restoring(out)  # after kill -9: the hidden partial file, named for what it is
+    partial, = _restoring(out)  # after kill -9: the hidden partial file, named for what it is
     repo_env.ok("restore", uid, out)
     assert files_equal(tmp_path / "img", out)
+    assert _restoring(out) == [partial]  # young: maybe a live restore of another PID namespace
+    os.utime(partial, (time.time() - 3600, time.time() - 3600))
+    out.unlink()
+    repo_env.ok("restore", uid, out)
+    assert _restoring(out) == []  # a dead process's, untouched for an hour: removed
 
 
 def _restoring(target: Path) -> list[Path]:

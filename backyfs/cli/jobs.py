@@ -17,7 +17,7 @@ import time
 
 from backyfs.cli.commands import DataProblem, _print_json, run_backup
 from backyfs.config import load_config, open_repository
-from backyfs.errors import BackyfsError, ConfigError
+from backyfs.errors import BackyfsError, ConfigError, Terminated
 
 
 def _job(cfg, name: str) -> dict:
@@ -61,7 +61,7 @@ def cmd_job_run(args: argparse.Namespace) -> int:
         version, _parent = run_backup(backup_args)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
-            message = "interrupted"
+            message = "terminated" if isinstance(exc, Terminated) else "interrupted"
         else:
             message = str(exc) if isinstance(exc, BackyfsError) else f"{type(exc).__name__}: {exc}"
         repo.db.finish_job_run(run_id, False, None, message)

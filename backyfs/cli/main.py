@@ -1,7 +1,8 @@
 """backyfs command line entry point: builds the parser from the command modules, maps errors to exits.
 
 Exit codes: 0 success, 1 error, 2 usage error, 3 data problems found (restore incomplete, scrub
-found bad blocks), 130 interrupted, 141 the reader of stdout went away (`backyfs ls | head`).
+found bad blocks), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM; cleaned up as after Ctrl-C),
+141 the reader of stdout went away (`backyfs ls | head`).
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from backyfs import __version__
 from backyfs.cli import commands
-from backyfs.errors import BackyfsError
+from backyfs.errors import BackyfsError, Terminated
 
-EXIT_ERROR, EXIT_USAGE, EXIT_DATA, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_ERROR, EXIT_USAGE, EXIT_DATA, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 DESCRIPTION = """\
@@ -73,7 +75,14 @@ def _command_word(argv: list[str]) -> str | None:
     return None
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # By default SIGTERM ended the process on the spot; serve and mount install their own handlers.
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a process of its own, not a test calling main() in-process
+        signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser(_command_word(sys.argv[1:] if argv is None else argv))
     try:
         args = parser.parse_args(argv)
@@ -96,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     except BackyfsError as exc:
         print(f"backyfs: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("backyfs: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"backyfs: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError as exc:
         return _broken_pipe(exc)
     except UnicodeEncodeError as exc:  # a name that is not UTF-8 (SQLite and the store keys need it)

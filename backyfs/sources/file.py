@@ -8,6 +8,7 @@ import fcntl
 import os
 import stat
 import struct
+import time
 from collections.abc import Iterator
 
 from backyfs.errors import BackyfsError, SourceError
@@ -71,6 +72,37 @@ class FileSource:
         os.close(self.fd)
 
 
+STALE_PARTIAL_S = 600.0  # a live restore rewrites its partial file far more often than this
+
+
+def _remove_stale_partials(directory: str, name: str) -> None:
+    """Remove the partial files of killed restores to the same name (kill -9, a power cut): those
+    of processes gone that nobody has written to for STALE_PARTIAL_S. The age guards a restore of
+    another PID namespace (a container) sharing the directory."""
+    prefix = f".{name}.backyfs-restore-"
+    try:
+        entries = [e for e in os.scandir(directory or ".") if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name[len(prefix):]
+        try:
+            if not pid.isdigit() or not entry.is_file(follow_symlinks=False):
+                continue
+            if time.time() - entry.stat(follow_symlinks=False).st_mtime < STALE_PARTIAL_S:
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # alive, another user's
+                continue
+            os.unlink(entry.path)
+        except (OSError, OverflowError):
+            continue
+
+
 class FileTarget:
     """Writes a restore into a file (created sparse) or onto a block device."""
 
@@ -87,6 +119,7 @@ class FileTarget:
         if not exists:  # one by that name can only be a dead process's (the pid is ours now)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.writing)
+            _remove_stale_partials(head, name)
         try:
             flags = os.O_WRONLY | os.O_CLOEXEC | (0 if is_device else os.O_CREAT)
             if not exists:  # a new file, really: not through a dangling symlink, not a racing one
