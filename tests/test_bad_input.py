@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -230,6 +231,37 @@ def test_full_disk(small_tmpfs: Path, tmp_path: Path) -> None:
     assert [v["state"] for v in listing.json()] == ["pending"]  # type: ignore[union-attr]
     assert run("restore", "vm", str(tmp_path / "out")).rc == 1
     assert not any(".tmp." in p.name for p in (small_tmpfs / "data" / "store").rglob("*"))
+
+
+def test_metadata_on_a_full_or_read_only_filesystem_says_so(small_tmpfs: Path, tmp_path: Path) -> None:
+    """SQLite says only "disk I/O error" or "unable to open database file": opening a database even
+    to read it creates its write-ahead log beside it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKYFS_")}
+    env["BACKYFS_DATA_DIR"] = str(small_tmpfs / "data")
+
+    def run(*args: str) -> Result:
+        proc = subprocess.run([BACKYFS, *args], env=env, capture_output=True, text=True, timeout=120)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    assert run("backup", str(write_image(tmp_path / "img", ["text"])), "vm").rc == 0
+    filler = small_tmpfs / "filler"
+    with open(filler, "wb") as f:  # fill the filesystem to the last byte
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(bytes(1 << 20))
+    with contextlib.suppress(OSError):
+        with open(filler, "ab") as f:
+            while True:
+                f.write(bytes(4096))
+    assert_one_line_error(run("ls"), rc=1, contains=f"({small_tmpfs / 'data'} is on a full filesystem)")
+    filler.unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    # A repository on read-only media (a backup disk mounted ro) can still be listed and restored.
+    assert run("ls").rc == 0
+    assert run("restore", "vm", str(tmp_path / "out")).rc == 0
+    assert files_equal(tmp_path / "img", tmp_path / "out")
+    res = run("backup", str(tmp_path / "img"), "vm")
+    assert_one_line_error(res, rc=1, contains="read-only")
 
 
 def test_restore_onto_a_full_disk_removes_what_it_created(repo_env: RepoEnv, small_tmpfs: Path,

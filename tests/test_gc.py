@@ -304,3 +304,30 @@ def test_a_restore_over_old_content_counts_zero_blocks_as_zeros_not_data(tmp_pat
     result = restore(repo, version, target)
     assert result.bytes_zero == 8 * MiB and result.bytes_written == 4 * MiB
     assert bytes(target.image) == bytes(4 * MiB) + data + bytes(4 * MiB)
+
+
+def test_gc_and_deep_scrub_refuse_a_damaged_database(repo_env, tmp_path):
+    """A damaged index can hide versions and so the blocks they reference: gc ran on such a
+    database (exit 0) and deep-scrub called it clean."""
+    import sqlite3
+
+    from conftest import write_image
+
+    for name in ("a", "b", "c"):
+        repo_env.backup(write_image(tmp_path / f"{name}.img", ["rand"]), name)
+    objects = sorted((repo_env.store_dir / "blocks").rglob("*"))
+    conn = sqlite3.connect(repo_env.db_path)
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'versions_by_volume'").fetchone()[0]
+    conn.close()
+    with open(repo_env.db_path, "r+b") as f:  # scramble the cells at the end of the index's page
+        f.seek(root * page_size - 1000)
+        cells = f.read(1000)
+        f.seek(root * page_size - 1000)
+        f.write(bytes(b ^ 0x5A for b in cells))
+    for _ in range(2):  # gc deletes on its second run
+        res = repo_env.run("gc")
+        assert res.rc == 1 and "is damaged" in res.err and "rebuild-db" in res.err, res.err
+    assert sorted((repo_env.store_dir / "blocks").rglob("*")) == objects
+    res = repo_env.run("deep-scrub", "--all")
+    assert res.rc == 3 and "metadata database" in res.err and "is damaged" in res.err

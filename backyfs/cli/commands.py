@@ -249,6 +249,10 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         print(f"version {uid} is valid again")
     print(f"{args.command}: checked {result.checked} objects of {len(versions)} version(s), "
           f"{len(result.bad)} bad")
+    damage = repo.db.damage() if deep else []
+    if damage:
+        raise DataProblem(f"the metadata database {repo.db.path} is damaged ({damage[0]}): move it "
+                          "aside and run 'backyfs rebuild-db'")
     if result.bad:
         raise DataProblem(f"{args.command} found {len(result.bad)} bad object(s)")
     return 0

@@ -43,6 +43,23 @@ class Version:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def _filesystem_trouble(path: str) -> str:
+    """Why SQLite may have failed to open path, which it reports only as "disk I/O error" or "unable
+    to open database file": opening even to read creates the write-ahead log's files beside it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return ""
+    if fs.f_flag & os.ST_RDONLY:
+        return f" ({directory} is on a read-only filesystem)"
+    if fs.f_bavail * fs.f_frsize < (1 << 20):
+        return f" ({directory} is on a full filesystem)"
+    if not os.access(directory, os.W_OK):
+        return f" (this user may not write to {directory})"
+    return ""
+
+
 # Columns of the versions table that update_version may set (labels live in their own table).
 _UPDATABLE = set(Version.__dataclass_fields__) - {"uid", "labels"}
 
@@ -64,17 +81,35 @@ class MetadataDB:
             conn.execute("PRAGMA foreign_keys = ON")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as exc:
-            raise BackyfsError(f"cannot open metadata database {path}: {exc}") from None
+            raise BackyfsError(f"cannot open metadata database {path}: {exc}{_filesystem_trouble(path)}") \
+                from None
         if version > SCHEMA_VERSION:
             raise BackyfsError(f"{path} has schema version {version}; this backyfs knows {SCHEMA_VERSION}")
-        os.chmod(path, 0o600)
+        try:
+            if os.stat(path).st_mode & 0o777 != 0o600:
+                os.chmod(path, 0o600)
+        except OSError as exc:
+            raise BackyfsError(f"cannot open metadata database {path}: {exc.strerror}"
+                               f"{_filesystem_trouble(path)}") from None
         self.lock = threading.RLock()
         self.conn = conn
-        with self.lock:
-            create_tables(conn)
+        if version < SCHEMA_VERSION:  # new: a database that exists is read without writing to it
+            with self.lock:
+                create_tables(conn)
 
     def close(self) -> None:
         self.conn.close()
+
+    def damage(self) -> list[str]:
+        """SQLite's quick_check of every page and index (a second for a large repository): what is
+        wrong, or nothing. A damaged index can hide rows, so gc must not trust such a database."""
+        with self.lock:
+            try:
+                rows = [r[0] for r in self.conn.execute("PRAGMA quick_check")]
+            except sqlite3.DatabaseError as exc:
+                return [str(exc)]
+        lines = [line for row in rows for line in row.splitlines() if not line.startswith("***")]
+        return [] if lines == ["ok"] else lines
 
     def _rows(self, sql: str, params: Iterable = ()) -> list[dict]:
         with self.lock:

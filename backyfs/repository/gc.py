@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from backyfs.errors import NotFound
+from backyfs.errors import BackyfsError, NotFound
 from backyfs.repository import mapstore
 from backyfs.repository.repo import Repository, block_key, stored_versions
 
@@ -52,6 +52,10 @@ def referenced_digests(repo: Repository) -> set[bytes]:
 
 
 def collect_garbage(repo: Repository, dry_run: bool = False) -> GcResult:
+    damage = repo.db.damage()
+    if damage:  # a damaged index can hide the versions that reference a block
+        raise BackyfsError(f"the metadata database {repo.db.path} is damaged ({damage[0]}): gc deletes "
+                           "nothing; move it aside and run 'backyfs rebuild-db'")
     with repo.activity_lock(exclusive=True) as alone:
         return _collect(repo, dry_run, alone)
 

@@ -176,7 +176,10 @@ class Repository:
                 return version
         latest = self.latest_valid(spec)
         if latest is None:
-            raise NotFound(f"unknown version or volume {spec!r}")
+            damage = self.db.damage()  # only now: a check reads the whole database
+            hint = f" (the metadata database is damaged: {damage[0]}; move it aside and run " \
+                   "'backyfs rebuild-db')" if damage else ""
+            raise NotFound(f"unknown version or volume {spec!r}{hint}")
         return latest
 
     def latest_valid(self, volume: str) -> Version | None:

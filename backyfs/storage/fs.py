@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -63,7 +64,8 @@ class FilesystemStore(ObjectStore):
             os.rename(tmp, path)
             self._touched(directory, path if self.fsync else None)
         except OSError as exc:
-            _unlink_quietly(tmp)
+            with contextlib.suppress(OSError):  # the write's error is the one to report
+                _unlink_quietly(tmp)
             reason = "store is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
             raise StoreUnavailable(f"cannot write {key} to {self.url}: {reason}") from None
 
@@ -136,7 +138,10 @@ class FilesystemStore(ObjectStore):
             raise ObjectMissing(f"object {key} is missing from {self.url}") from None
 
     def delete(self, key: str) -> None:
-        _unlink_quietly(self._path(key))
+        try:
+            _unlink_quietly(self._path(key))
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot delete {key} from {self.url}: {exc.strerror}") from None
 
     def list(self, prefix: str = "") -> Iterator[str]:
         # Walk only the directory the prefix points into, so listing "versions/" does not visit blocks.
