@@ -598,5 +598,19 @@ def test_rebuild_db_from_an_empty_store_is_an_error(repo_env: RepoEnv) -> None:
     """A mistyped bucket, pool or prefix finds nothing: that must not look like a rebuilt, empty
     repository (and leave one behind)."""
     res = repo_env.run("rebuild-db")
-    assert_one_line_error(res, rc=1, contains="holds no backyfs data")
+    assert_one_line_error(res, rc=1, contains="holds no backyfs versions")
     assert not repo_env.db_path.exists()
+
+
+def test_rebuild_db_from_a_store_of_another_program_indexes_nothing(repo_env: RepoEnv) -> None:
+    """A bucket that is not backyfs's, holding an object named like a block: rebuild-db reported
+    success, and gc then deleted that object."""
+    foreign = repo_env.store_dir / "blocks" / "ab" / ("ab" * 32)
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"someone else's")
+    repo_env.ok("init")
+    res = repo_env.run("rebuild-db")
+    assert_one_line_error(res, rc=1, contains="holds no backyfs versions (1 objects named like blocks)")
+    for _ in range(2):
+        repo_env.ok("gc")
+    assert foreign.read_bytes() == b"someone else's"

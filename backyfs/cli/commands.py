@@ -381,15 +381,17 @@ def cmd_rebuild_db(args: argparse.Namespace) -> int:
     if repo.db.versions():
         raise BackyfsError(f"{repo.db.path} is not empty; move it aside to rebuild it from the store")
     result = repo.rebuild_db()
-    if not result["versions"] and not result["objects"] and not result["damaged"]:
-        # A mistyped bucket, pool or prefix: no empty repository that looks rebuilt.
+    if not result["versions"] and not result["damaged"]:
+        # A mistyped bucket, pool or prefix: no empty repository that looks rebuilt, and no index
+        # of another program's objects that gc would then delete.
         repo.close()
         if not had_db:
             for suffix in ("", "-wal", "-shm", "-journal"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(cfg.db_path + suffix)
-        raise BackyfsError(f"the store {repo.store.url} holds no backyfs data: check [store] in the "
-                           "config; nothing was rebuilt")
+        others = f" ({result['objects']} objects named like blocks)" if result["objects"] else ""
+        raise BackyfsError(f"the store {repo.store.url} holds no backyfs versions{others}: check [store] "
+                           "in the config; nothing was rebuilt")
     print(f"rebuilt {repo.db.path}: {result['versions']} versions, {result['objects']} objects")
     if result["damaged"]:
         raise DataProblem(f"{len(result['damaged'])} damaged version(s): " + "; ".join(result["damaged"]))

@@ -259,6 +259,8 @@ class Repository:
             digest = digest_from_key(key)
             if digest is not None:
                 blocks.append((digest, self.store.size(key)))
+        if not versions and not damaged:  # not a backyfs store (a wrong bucket, pool or prefix):
+            return {"versions": 0, "objects": len(blocks), "damaged": []}  # index none of its objects
         with self.db.transaction():  # all or nothing: a killed rebuild leaves the database empty
             return self._fill_db(versions, blocks, damaged)
 
