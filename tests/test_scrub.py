@@ -141,3 +141,27 @@ def test_clean_repository_scrubs_clean(repo_env: RepoEnv, backed_up: tuple[Path,
     objects = repo_env.stats()["objects"]
     assert f"checked {objects} objects" in repo_env.call("deep-scrub", uid).out
     assert state(repo_env, uid) == "valid"
+
+
+def test_deep_scrub_checks_each_versions_copy_in_the_store(repo_env, tmp_path):
+    """rebuild-db recovers from the store's copies: deep-scrub writes a damaged one again and reports
+    a missing one (exit 3) without writing it (rm deletes it first: it may be an interrupted rm's)."""
+    from conftest import write_image
+
+    kept = repo_env.backup(write_image(tmp_path / "a.img", ["rand", "text"]), "a")["uid"]
+    lost = repo_env.backup(write_image(tmp_path / "b.img", ["rand"]), "b")["uid"]
+    versions = repo_env.store_dir / "versions"
+    (versions / kept / "meta.json").write_bytes(b"garbage")
+    map_file = next(p for p in (versions / kept).iterdir() if p.name != "meta.json")
+    map_file.write_bytes(map_file.read_bytes()[:-8])
+    (versions / lost / "meta.json").unlink()
+    res = repo_env.run("deep-scrub", "--all")
+    assert res.rc == 3, res.err
+    assert f"version {kept}: its damaged copy in the store was written again" in res.err
+    assert f"version {lost} has no metadata in the store" in res.err
+    assert not (versions / lost / "meta.json").exists()
+    repo_env.db_path.rename(tmp_path / "old.sqlite")
+    res = repo_env.run("rebuild-db")  # the repaired copy is recovered, the missing one is not
+    assert [v["uid"] for v in repo_env.versions()] == [kept], res.err
+    repo_env.ok("restore", kept, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == (tmp_path / "a.img").read_bytes()

@@ -247,14 +247,18 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         print(f"backyfs: version {uid} marked invalid", file=sys.stderr)
     for uid in result.revalidated:
         print(f"version {uid} is valid again")
+    for uid in result.remirrored:
+        print(f"backyfs: version {uid}: its damaged copy in the store was written again", file=sys.stderr)
     print(f"{args.command}: checked {result.checked} objects of {len(versions)} version(s), "
           f"{len(result.bad)} bad")
     damage = repo.db.damage() if deep else []
     if damage:
         raise DataProblem(f"the metadata database {repo.db.path} is damaged ({damage[0]}): move it "
                           "aside and run 'backyfs rebuild-db'")
-    if result.bad:
-        raise DataProblem(f"{args.command} found {len(result.bad)} bad object(s)")
+    if result.bad or result.unmirrored:
+        raise DataProblem(f"{args.command} found {len(result.bad)} bad object(s)"
+                          + (f" and {len(result.unmirrored)} version(s) missing from the store"
+                             if result.unmirrored else ""))
     return 0
 
 

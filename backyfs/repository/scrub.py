@@ -1,4 +1,5 @@
-"""Scrub (objects exist with the right size) and deep-scrub (objects decode and match their digest).
+"""Scrub (objects exist with the right size) and deep-scrub (objects decode and match their digest,
+and each version's copy of its metadata and block map in the store matches the database).
 
 Bad objects are marked in the block index and every version that references one turns invalid.
 A version already invalid whose blocks all check out again (a good copy was written, e.g. by the
@@ -7,6 +8,7 @@ next backup of the same data) turns valid again after a full scrub.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
@@ -15,8 +17,10 @@ from dataclasses import dataclass, field
 
 from backyfs.errors import CorruptObject, NotFound, ObjectMissing, StoreUnavailable
 from backyfs.metadata.db import Version
+from backyfs.repository import mapstore
 from backyfs.repository.repo import Repository, block_key
 from backyfs.repository.restore import _run_parallel
+from backyfs.storage import codec
 
 
 @dataclass
@@ -26,6 +30,8 @@ class ScrubResult:
     invalidated: list[str] = field(default_factory=list)
     revalidated: list[str] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)    # "version V block N at offset O: reason"
+    unmirrored: list[str] = field(default_factory=list)  # versions without metadata in the store
+    remirrored: list[str] = field(default_factory=list)  # versions whose damaged copy was rewritten
 
 
 def scrub(repo: Repository, versions: list[Version], *, deep: bool, percent: float = 100.0,
@@ -57,7 +63,36 @@ def scrub(repo: Repository, versions: list[Version], *, deep: bool, percent: flo
 
     _run_parallel(check, ((d,) for d in digests), threads)
     _record(repo, versions, maps, result, deep, full=percent >= 100)
+    if deep:
+        for version in versions:
+            _check_mirror(repo, version, maps[version.uid], result)
     return result
+
+
+def _check_mirror(repo: Repository, version: Version, blockmap, result: ScrubResult) -> None:
+    """The store's copy of a version, which rebuild-db recovers from. A damaged copy is written
+    again; a missing one only reported: rm deletes it first, so it may be an interrupted rm's."""
+    meta_key = f"versions/{version.uid}/meta.json"
+    try:
+        meta = json.loads(codec.decode(repo.store.get(meta_key), meta_key))
+    except ObjectMissing:
+        result.unmirrored.append(version.uid)
+        result.findings.append(f"version {version.uid} has no metadata in the store: rebuild-db could "
+                               "not recover it (if an rm of it was interrupted, run it again)")
+        return
+    except (CorruptObject, ValueError) as exc:
+        meta = {"damaged": str(exc)}
+    try:
+        same_map = mapstore.get_map(repo.store, version.uid) == blockmap.to_bytes()
+    except (ObjectMissing, CorruptObject):
+        same_map = False
+    try:
+        current = repo.db.get_version(version.uid)
+    except NotFound:  # removed meanwhile
+        return
+    if meta.get("uid") != current.uid or meta.get("state") != current.state or not same_map:
+        repo.save_version(current, blockmap)
+        result.remirrored.append(version.uid)
 
 
 def _check_one(repo: Repository, digest: bytes, expected_size: int | None, deep: bool) -> str | None:
