@@ -133,7 +133,7 @@ def test_restore_single_file(repo_env, tmp_path, ext4_version):
 def test_restore_folder_keeps_content_modes_and_times(repo_env, tmp_path, ext4_version):
     uid, spec, tree = ext4_version
     dest = tmp_path / "restored"
-    repo_env.ok("restore-file", f"{uid}:part2", "/", dest)
+    repo_env.ok("restore-file", f"{uid}:part2", "/", dest, "--setuid")
     for rel, expected in spec.items():
         check_entry(dest / rel, expected)
     for i in (0, 7, 119):
@@ -255,7 +255,9 @@ def test_restore_as_ordinary_user(repo_env, ext4_version, nobody_can_run_cli):
                               "/home/user", str(dest)], env=env, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
         check_entry(dest / "notes.txt", spec["home/user/notes.txt"])
-        check_entry(dest / "setuid", spec["home/user/setuid"])
+        content, mode, mtime = spec["home/user/setuid"]
+        check_entry(dest / "setuid", (content, mode & ~0o6000, mtime))  # not kept without --setuid
+        assert "dropped the setuid/setgid bits of 1 file(s) (--setuid keeps them)" in res.stderr
         assert (dest / "notes.txt").stat().st_uid == pwd.getpwnam("nobody").pw_uid
     finally:
         shutil.rmtree(work)

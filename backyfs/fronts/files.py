@@ -82,57 +82,86 @@ class RestoreResult:
     files: int = 0
     dirs: int = 0
     links: int = 0
+    hard_links: int = 0  # further names of a file already restored, linked to its first
     bytes: int = 0
+    setuid_dropped: int = 0  # files whose setuid/setgid bits were not restored
     skipped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # unreadable in the backup (damaged data)
     write_errors: list[str] = field(default_factory=list)  # could not be written where asked
 
 
+SETID = stat.S_ISUID | stat.S_ISGID
+
+
 class Restorer:
     """Copies out of an ExtFS. Per-entry failures (a corrupt block, an unsupported file type, a
     destination that cannot be written) are recorded and the rest is still restored; a file that
-    could not be copied whole is removed, never left looking complete."""
+    could not be copied whole is removed, never left looking complete.
 
-    def __init__(self, fs: ExtFS, force: bool = False) -> None:
-        self.fs, self.force = fs, force
+    The guest wrote the filesystem and is not trusted, and this may run as root: nothing is written
+    through an existing entry (--force replaces files and symlinks, never writes into them: one could
+    be a device node or a hard link to a host file); device nodes, FIFOs and sockets are created only
+    with specials=True, setuid/setgid bits are kept only with setuid=True; directories that existed
+    keep their own owner, mode and times; a file with several names is copied once and linked."""
+
+    def __init__(self, fs: ExtFS, force: bool = False, *, specials: bool = False,
+                 setuid: bool = False) -> None:
+        self.fs, self.force, self.specials, self.setuid = fs, force, specials, setuid
         self.as_root = os.geteuid() == 0
         self.result = RestoreResult()
         self.top: str | None = None
         self.dirs_seen: set[int] = set()  # ext4 has no directory hard links: a repeat is a loop
+        self.files_done: dict[int, str] = {}  # inode -> where its first name was restored
 
     def restore(self, inode: Inode, dest: str, into_existing: bool = False) -> RestoreResult:
-        """Copy INODE to DEST; into_existing: DEST is an existing directory to fill (the root)."""
+        """Copy INODE to DEST; into_existing: DEST is an existing directory to fill (the root).
+        Iterative, not recursive: a valid but deep tree must not exhaust Python's stack."""
         self.top = dest if into_existing else None
-        self._entry(inode, dest)
+        stack: list[tuple[Inode, str, bool | None]] = [(inode, dest, None)]
+        while stack:
+            node, path, created = stack.pop()
+            if created is not None:  # every entry of this directory is done
+                self._guarded(path, self._finish_dir, node, path, created)
+            elif node.is_dir:
+                self._guarded(path, self._enter_dir, node, path, stack)
+            else:
+                self._guarded(path, self._dispatch, node, path)
         return self.result
 
-    def _entry(self, inode: Inode, dest: str) -> None:
+    def _guarded(self, dest: str, func, *args) -> None:
         try:
             with corrupt_is_exterror():
-                self._dispatch(inode, dest)
+                func(*args)
         except OSError as exc:
             self.result.write_errors.append(f"{dest}: {exc.strerror or exc}")
         except BackyfsError as exc:
             self.result.errors.append(f"{dest}: {exc}")
 
     def _dispatch(self, inode: Inode, dest: str) -> None:
-        if inode.is_dir:
-            self._dir(inode, dest)
-        elif inode.is_reg:
+        if inode.is_reg:
             self._file(inode, dest)
         elif inode.is_link:
             self._link(inode, dest)
         else:
             self._special(inode, dest)
 
+    def _make_room(self, dest: str) -> None:
+        """With --force, remove what is at dest (not a directory) so a new entry is made there."""
+        if self.force and os.path.lexists(dest) and not (os.path.isdir(dest) and not os.path.islink(dest)):
+            os.unlink(dest)
+
     def _file(self, inode: Inode, dest: str) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        flags |= os.O_TRUNC if self.force else os.O_EXCL
-        fd = os.open(dest, flags, 0o600)
+        self._make_room(dest)
+        first = self.files_done.get(inode.ino)
+        if first is not None:
+            os.link(first, dest)
+            self.result.hard_links += 1
+            return
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             written = self._copy(inode, fd)
             self._owner(dest, inode, fd)
-            os.fchmod(fd, stat.S_IMODE(inode.mode))
+            os.fchmod(fd, self._mode(inode))
             os.utime(fd, ns=(inode.atime_ns, inode.mtime_ns))
         except BaseException:
             with contextlib.suppress(OSError):
@@ -140,8 +169,16 @@ class Restorer:
             raise
         finally:
             os.close(fd)
+        self.files_done[inode.ino] = dest
         self.result.bytes += written
         self.result.files += 1
+
+    def _mode(self, inode: Inode) -> int:
+        mode = stat.S_IMODE(inode.mode)
+        if mode & SETID and not self.setuid:
+            self.result.setuid_dropped += 1
+            mode &= ~SETID
+        return mode
 
     def _copy(self, inode: Inode, fd: int) -> int:
         written = 0
@@ -154,36 +191,43 @@ class Restorer:
         os.ftruncate(fd, inode.size)  # the tail and holes stay sparse
         return written
 
-    def _dir(self, inode: Inode, dest: str) -> None:
+    def _enter_dir(self, inode: Inode, dest: str, stack: list) -> None:
         if inode.ino in self.dirs_seen:  # a damaged or hostile image: it would recurse forever
             self.result.errors.append(f"{dest}: directory loop (inode {inode.ino} again)")
             return
         self.dirs_seen.add(inode.ino)
+        created = True
         try:
             os.mkdir(dest, 0o700)
         except FileExistsError:
             if not ((self.force or dest == self.top) and os.path.isdir(dest) and not os.path.islink(dest)):
                 raise
+            created = False  # the operator's directory: its owner, mode and times stay theirs
         self.result.dirs += 1
+        children = []
         for raw, ino in sorted(self.fs.listdir(inode)):
             name = safe_name(raw)
             if name is None:
                 self.result.skipped.append(f"{dest}/{raw!r}: unsafe name")
                 continue
             try:
-                child = self.fs.inode(ino)
+                children.append((self.fs.inode(ino), os.path.join(dest, name), None))
             except ExtError as exc:
                 self.result.errors.append(f"{dest}/{name}: {exc}")
-                continue
-            self._entry(child, os.path.join(dest, name))
+        stack.append((inode, dest, created))  # finished after its entries (popped last)
+        stack.extend(reversed(children))
+
+    def _finish_dir(self, inode: Inode, dest: str, created: bool) -> None:
+        if not created:
+            return
         self._owner(dest, inode)
-        os.chmod(dest, stat.S_IMODE(inode.mode))
+        mode = stat.S_IMODE(inode.mode)
+        os.chmod(dest, mode if self.setuid else mode & ~SETID)
         os.utime(dest, ns=(inode.atime_ns, inode.mtime_ns))  # after its entries were written
 
     def _link(self, inode: Inode, dest: str) -> None:
         target = self.fs.readlink(inode)
-        if self.force and os.path.lexists(dest) and not os.path.isdir(dest):
-            os.unlink(dest)
+        self._make_room(dest)
         os.symlink(target, os.fsencode(dest))
         self._owner(dest, inode)
         os.utime(dest, ns=(inode.atime_ns, inode.mtime_ns), follow_symlinks=False)
@@ -191,12 +235,15 @@ class Restorer:
 
     def _special(self, inode: Inode, dest: str) -> None:
         kind = stat.S_IFMT(inode.mode)
-        if not self.as_root or kind == stat.S_IFSOCK:
-            self.result.skipped.append(f"{dest}: {_type_name(inode.mode)} (not restored)")
+        if not self.specials or not self.as_root or kind == stat.S_IFSOCK:
+            why = "--specials creates them, as root" if kind != stat.S_IFSOCK else "not restorable"
+            self.result.skipped.append(f"{dest}: {_type_name(inode.mode)} ({why})")
             return
+        self._make_room(dest)
         is_device = kind in (stat.S_IFCHR, stat.S_IFBLK)
-        os.mknod(dest, inode.mode, os.makedev(*_device_numbers(inode)) if is_device else 0)
+        os.mknod(dest, kind | 0o600, os.makedev(*_device_numbers(inode)) if is_device else 0)
         self._owner(dest, inode)
+        os.chmod(dest, self._mode(inode))  # mknod's mode goes through the umask
         os.utime(dest, ns=(inode.atime_ns, inode.mtime_ns), follow_symlinks=False)
 
     def _owner(self, dest: str, inode: Inode, fd: int | None = None) -> None:
