@@ -347,8 +347,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_protect(args: argparse.Namespace) -> int:
     repo = _repo(args)
     version = repo.resolve(args.version)
-    repo.db.update_version(version.uid, protected=args.command == "protect")
-    repo.save_version(version)
+    repo.update_version(version, protected=args.command == "protect")
     print(f"version {version.uid} {'protected' if args.command == 'protect' else 'unprotected'}")
     return 0
 
@@ -356,8 +355,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
 def cmd_label(args: argparse.Namespace) -> int:
     repo = _repo(args)
     version = repo.resolve(args.version)
-    repo.db.set_labels(version.uid, _labels(args.labels), remove=args.remove or [])
-    repo.save_version(version)
+    repo.update_version(version, labels=_labels(args.labels), remove=args.remove or [])
     import json
 
     print(json.dumps(repo.db.get_version(version.uid).labels, sort_keys=True))
@@ -384,7 +382,11 @@ def cmd_rebuild_db(args: argparse.Namespace) -> int:
     repo = open_repository(cfg)
     if repo.db.versions():
         raise BackyfsError(f"{repo.db.path} is not empty; move it aside to rebuild it from the store")
-    result = repo.rebuild_db()
+    with repo.activity_lock(exclusive=True) as alone:
+        if not alone:  # it writes to the database moved aside: its version would be missed
+            raise BackyfsError("a backup or overlay commit is running on this repository: run "
+                               "rebuild-db when none is")
+        result = repo.rebuild_db()
     if not result["versions"] and not result["damaged"]:
         # A mistyped bucket, pool or prefix: no empty repository that looks rebuilt, and no index
         # of another program's objects that gc would then delete.

@@ -10,7 +10,8 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from typing import IO
 
 from backyfs.errors import BackyfsError, CorruptObject, NotFound, ObjectMissing, StateError
@@ -117,6 +118,8 @@ class Repository:
         self.store = store
         self.db = db
         self.compression_level = compression_level
+        self._versions_lock = threading.RLock()
+        self._versions_lock_fd: int | None = None
 
     def close(self) -> None:
         self.store.close()
@@ -189,15 +192,36 @@ class Repository:
     def blockmap(self, version: Version) -> BlockMap:
         return self.db.get_blockmap(version.uid)
 
+    @contextlib.contextmanager
+    def versions_lock(self) -> Iterator[None]:
+        """Held (exclusive, across processes) while a version's row and its copy in the store change
+        together: rm, a state change, protect, label. Without it a label landing between rm's
+        deletion of the store copy and of the row wrote the copy back (a version gc then took for
+        another host's, deleting nothing ever after), and a protect in that gap left a protected
+        version without its copy. Re-entrant within a process."""
+        with self._versions_lock:
+            outer = self._versions_lock_fd is None
+            if outer:
+                fd = self.open_lock_file(".versions.lock")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._versions_lock_fd = fd
+            try:
+                yield
+            finally:
+                if outer:
+                    self._versions_lock_fd = None
+                    os.close(fd)
+
     def save_version(self, version: Version, blockmap: BlockMap | None = None) -> None:
         """Mirror a version into the store so the store alone can restore everything. Its metadata
         goes before its block map: a map without metadata in the store is then always what an
         interrupted rm left (rm deletes the metadata first), never a version being made."""
-        if blockmap is not None:
-            self.db.put_blockmap(version.uid, blockmap)
-        self._put_meta(self.db.get_version(version.uid))
-        if blockmap is not None:
-            mapstore.put_map(self.store, version.uid, blockmap.to_bytes())
+        with self.versions_lock():
+            if blockmap is not None:
+                self.db.put_blockmap(version.uid, blockmap)
+            self._put_meta(self.db.get_version(version.uid))
+            if blockmap is not None:
+                mapstore.put_map(self.store, version.uid, blockmap.to_bytes())
 
     def _put_meta(self, version: Version) -> None:
         meta = json.dumps(version.to_json(), sort_keys=True).encode()
@@ -206,17 +230,30 @@ class Repository:
     def set_state(self, version: Version, state: str) -> None:
         """The store's copy first: killed in between, the database is behind (a pending version a
         re-run resumes), never the store, which a lost database is rebuilt from."""
-        self._put_meta(dataclasses.replace(self.db.get_version(version.uid), state=state))
-        self.db.update_version(version.uid, state=state)
+        with self.versions_lock():
+            self._put_meta(dataclasses.replace(self.db.get_version(version.uid), state=state))
+            self.db.update_version(version.uid, state=state)
         version.state = state
 
+    def update_version(self, version: Version, *, protected: bool | None = None,
+                       labels: dict[str, str] | None = None, remove: Iterable[str] = ()) -> None:
+        """Protect or unprotect, set or remove labels: in the database and the store's copy."""
+        with self.versions_lock():
+            self.db.get_version(version.uid)  # removed meanwhile: "unknown version", not an SQL error
+            if protected is not None:
+                self.db.update_version(version.uid, protected=protected)
+            if labels is not None or remove:
+                self.db.set_labels(version.uid, labels or {}, remove=remove)
+            self._put_meta(self.db.get_version(version.uid))
+
     def delete_version(self, version: Version, force: bool = False) -> None:
-        self.db.check_deletable(version.uid, force=force)
-        # The store's copy first: a crash or a dead store in between must not leave metadata
-        # that rebuild-db would bring back as a valid version whose blocks gc has since deleted.
-        self.store.delete(f"versions/{version.uid}/meta.json")
-        mapstore.delete_map(self.store, version.uid)
-        self.db.delete_version(version.uid, force=force)
+        with self.versions_lock():
+            self.db.check_deletable(version.uid, force=force)
+            # The store's copy first: a crash or a dead store in between must not leave metadata
+            # that rebuild-db would bring back as a valid version whose blocks gc has since deleted.
+            self.store.delete(f"versions/{version.uid}/meta.json")
+            mapstore.delete_map(self.store, version.uid)
+            self.db.delete_version(version.uid, force=force)
 
     def open_lock_file(self, name: str) -> int:
         return open_lock_file(self.db.path, name)

@@ -1,0 +1,70 @@
+"""Races between commands on one repository, made deterministic: the first command is paused (in
+process, by wrapping one of its steps) at the moment that matters while a second one runs as a
+real process beside it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from conftest import RepoEnv, write_image
+
+from backyfs.repository import mapstore
+
+
+def _rm_pausing_after_the_store_copy(repo_env: RepoEnv, monkeypatch: pytest.MonkeyPatch, uid: str,
+                                     *second: str):
+    """rm UID in process; between deleting the version's copy in the store and its row, start
+    `backyfs SECOND...` and give it a second to do its worst. Returns that process's result."""
+    started = []
+    real = mapstore.delete_map
+
+    def delete_map(store, map_uid):
+        real(store, map_uid)
+        started.append(repo_env.popen(*second))
+        time.sleep(1.0)
+
+    monkeypatch.setattr(mapstore, "delete_map", delete_map)
+    repo_env.ok("rm", uid)
+    monkeypatch.undo()
+    proc = started[0]
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("second", [("label", "{uid}", "a=b"), ("protect", "{uid}")],
+                         ids=["label", "protect"])
+def test_a_metadata_change_during_rm_waits_and_finds_the_version_gone(
+        repo_env: RepoEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, second) -> None:
+    """A label written in rm's gap put the version's copy back in the store: gc then took it for
+    another host's and deleted nothing ever after. A protect in the gap made rm fail half-way: a
+    protected version without its copy in the store, which rebuild-db would lose."""
+    img = write_image(tmp_path / "img", ["rand"])
+    keep = repo_env.backup(img, "keep")["uid"]
+    uid = repo_env.backup(write_image(tmp_path / "img2", ["rand"]), "gone")["uid"]
+    with monkeypatch.context() as patch:
+        rc, err = _rm_pausing_after_the_store_copy(repo_env, patch, uid, *(a.format(uid=uid) for a in second))
+    assert rc == 1 and "unknown version" in err, err
+    assert not (repo_env.store_dir / "versions" / uid / "meta.json").exists()
+    assert [v["uid"] for v in repo_env.versions()] == [keep]
+    res = repo_env.run("gc")
+    assert res.rc == 0 and "does not know" not in res.err, res.err
+
+
+def test_rebuild_db_waits_for_running_backups(repo_env: RepoEnv, tmp_path: Path) -> None:
+    """A backup running while rebuild-db filled a new database wrote its version into the old one
+    (moved aside): the rebuilt database lacked it, and gc then deferred for ever."""
+    repo_env.backup(write_image(tmp_path / "a.img", ["rand"]), "a")
+    repo_env.use_config("[limits]\nread_mb_s = 8\n")  # 32 MiB: ~4 s
+    slow = repo_env.popen("backup", write_image(tmp_path / "b.img", ["rand"] * 8), "b")
+    deadline = time.monotonic() + 30
+    while not any(v["state"] == "pending" for v in repo_env.versions()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    repo_env.db_path.rename(tmp_path / "aside.sqlite")
+    res = repo_env.run("rebuild-db")
+    assert res.rc == 1 and "a backup or overlay commit is running" in res.err, res.err
+    slow.communicate(timeout=60)  # (its database was moved away under it: it may well fail)
+    repo_env.db_path.unlink()
+    repo_env.ok("rebuild-db")  # with no backup running
+    assert "a" in {v["volume"] for v in repo_env.versions()}
