@@ -36,6 +36,7 @@ _XATTR_MAGIC = 0xEA020000
 _MAX_SYMLINKS = 40
 _MAX_LINK_BYTES = 4096  # PATH_MAX: what the kernel allows a symlink target
 _MAX_DIR_BYTES = 1 << 30  # a directory of millions of entries is a few hundred MiB
+_MAX_LOG_BLOCK_SIZE = 6  # 64 KiB blocks, the kernel's largest
 
 
 class ExtError(BackyfsError):
@@ -87,6 +88,10 @@ class Run:
     initialized: bool = True  # an unwritten (preallocated) extent reads as zeros
 
 
+def _power_of_two(n: int) -> bool:
+    return n > 0 and not n & (n - 1)
+
+
 def _time_ns(raw: bytes, base: int, extra: int | None) -> int:
     (sec,) = struct.unpack_from("<i", raw, base)
     ns = 0
@@ -104,21 +109,9 @@ class ExtFS:
         if len(sb) < 1024 or struct.unpack_from("<H", sb, 0x38)[0] != EXT_MAGIC:
             raise ExtError("no ext2/ext3/ext4 superblock")
         self.sb = sb
-        (self.inodes_count, blocks_lo, _, _, _, self.first_data_block, log_bs, _, self.blocks_per_group,
-         _, self.inodes_per_group) = struct.unpack_from("<11I", sb, 0)
-        self.block_size = 1024 << log_bs
-        rev = struct.unpack_from("<I", sb, 0x4C)[0]
-        self.inode_size = struct.unpack_from("<H", sb, 0x58)[0] if rev >= 1 else 128
         self.compat, self.incompat, self.ro_compat = struct.unpack_from("<III", sb, 0x5C)
         self._check_features()
-        wide = self.incompat & INCOMPAT_64BIT
-        self.desc_size = max(32, struct.unpack_from("<H", sb, 0xFE)[0]) if wide else 32
-        self.blocks_count = blocks_lo | (struct.unpack_from("<I", sb, 0x150)[0] << 32 if wide else 0)
-        self.first_meta_bg = struct.unpack_from("<I", sb, 0x104)[0]
-        sane = self.inodes_per_group and self.blocks_per_group and 128 <= self.inode_size <= self.block_size
-        if not sane:
-            raise ExtError("corrupt superblock (zero group sizes or a bad inode size)")
-        self.groups = -(-(self.blocks_count - self.first_data_block) // self.blocks_per_group)
+        self._geometry(sb)
         self.overrides: dict[int, bytes] = {}  # blocks as the replayed journal has them
         self._tables: dict[int, int] = {}
         self.journal_note = ""
@@ -127,6 +120,35 @@ class ExtFS:
 
             self.overrides, self.journal_note = replay(self)
             self._tables.clear()
+
+    def _geometry(self, sb: bytes) -> None:
+        """Sizes from the superblock, checked as the kernel checks them: the guest wrote them, and a
+        wild one would otherwise allocate (1024 << 2^32) or divide by zero."""
+        (self.inodes_count, blocks_lo, _, _, _, self.first_data_block, log_bs, _, self.blocks_per_group,
+         _, self.inodes_per_group) = struct.unpack_from("<11I", sb, 0)
+        if log_bs > _MAX_LOG_BLOCK_SIZE:
+            raise ExtError(f"corrupt superblock: block size 1024 << {log_bs} (64 KiB at most)")
+        bs = self.block_size = 1024 << log_bs
+        rev = struct.unpack_from("<I", sb, 0x4C)[0]
+        self.inode_size = struct.unpack_from("<H", sb, 0x58)[0] if rev >= 1 else 128
+        if not 128 <= self.inode_size <= bs or not _power_of_two(self.inode_size):
+            raise ExtError(f"corrupt superblock: inode size {self.inode_size}")
+        wide = self.incompat & INCOMPAT_64BIT
+        self.desc_size = (struct.unpack_from("<H", sb, 0xFE)[0] or 32) if wide else 32
+        if not 32 <= self.desc_size <= 1024 or not _power_of_two(self.desc_size):
+            raise ExtError(f"corrupt superblock: group descriptor size {self.desc_size}")
+        self.blocks_count = blocks_lo | (struct.unpack_from("<I", sb, 0x150)[0] << 32 if wide else 0)
+        self.first_meta_bg = struct.unpack_from("<I", sb, 0x104)[0]
+        if not 0 < self.inodes_per_group <= 8 * bs or not self.blocks_per_group:
+            raise ExtError(f"corrupt superblock: {self.blocks_per_group} blocks and "
+                           f"{self.inodes_per_group} inodes per group")
+        if self.first_data_block >= self.blocks_count:
+            raise ExtError(f"corrupt superblock: first data block {self.first_data_block} of "
+                           f"{self.blocks_count}")
+        self.groups = -(-(self.blocks_count - self.first_data_block) // self.blocks_per_group)
+        if self.inodes_count > self.groups * self.inodes_per_group:
+            raise ExtError(f"corrupt superblock: {self.inodes_count} inodes in {self.groups} groups")
+        self.max_size = bs << 32  # logical block numbers are 32-bit
 
     def _check_features(self) -> None:
         if self.incompat & INCOMPAT_JOURNAL_DEV:
@@ -206,6 +228,8 @@ class ExtFS:
         atime_x = 0x8C if extra >= 16 else None
         if not stat.S_ISDIR(mode) or self.incompat & INCOMPAT_LARGEDIR:  # else i_dir_acl in ext2
             size_lo |= size_hi << 32
+        if size_lo > self.max_size:  # up to 2^64-1 on disk: no off_t holds that
+            raise ExtError(f"inode {ino}: size {size_lo} is beyond the format's maximum (corrupt)")
         return Inode(ino, mode, uid_lo | uid_hi << 16, gid_lo | gid_hi << 16, size_lo,
                      _time_ns(raw, 0x8, atime_x), _time_ns(raw, 0x10, mtime_x), flags, blocks, file_acl, raw)
 
