@@ -17,6 +17,7 @@ import pytest
 from fuse_helpers import make_ext
 
 import backyfs
+from backyfs.fronts import jbd2
 from backyfs.fronts.extfs import ExtError, ExtFS, Run
 from backyfs.fronts.files import Restorer
 
@@ -234,3 +235,115 @@ def test_a_path_of_too_many_components_is_refused(tmp_path):
     assert fs.lookup("d/../" * 1000 + "f").size == 3
     with pytest.raises(ExtError, match="too many path components"):
         fs.lookup("d/../" * 50_000 + "f")
+
+
+# --- journal ------------------------------------------------------------------------------------
+def journal_image(tmp_path: Path, log_blocks: int = 0) -> tuple[Path, int, int]:
+    """An ext4 (4 KiB blocks) that needs recovery; returns it, its journal inode's offset, and the
+    first of LOG_BLOCKS + 4 free blocks at its end for a hand-made journal."""
+    image = tmp_path / "fs.img"
+    size = (16 << 20) + log_blocks * 4096
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hostname").write_text("host\n")
+    make_ext(image, src, size, "ext4", "-b", "4096", "-O", "^metadata_csum")
+    (incompat,) = struct.unpack_from("<I", read_at(image, 1024 + 0x60, 4))
+    patch(image, 1024 + 0x60, struct.pack("<I", incompat | 0x4))  # needs_recovery
+    return image, inode_at(image, "<8>"), size // 4096 - (log_blocks + 4)
+
+
+def jsb(maxlen: int, first: int, start: int, seq: int = 7) -> bytes:
+    return struct.pack(">IIIIIIII", JMAGIC, 4, seq, 4096, maxlen, first, seq, start).ljust(4096, b"\0")
+
+
+def descriptor(*blocks: int, seq: int = 7) -> bytes:
+    tags = b"".join(struct.pack(">IHH", b, 0, 2 | (8 if i == len(blocks) - 1 else 0))
+                    for i, b in enumerate(blocks))
+    return (struct.pack(">III", JMAGIC, 1, seq) + tags).ljust(4096, b"\0")
+
+
+def revoke(*blocks: int, seq: int = 7) -> bytes:
+    body = b"".join(struct.pack(">I", b) for b in blocks)
+    return (struct.pack(">IIII", JMAGIC, 5, seq, 16 + len(body)) + body).ljust(4096, b"\0")
+
+
+def commit(seq: int = 7) -> bytes:
+    return struct.pack(">III", JMAGIC, 2, seq).ljust(4096, b"\0")
+
+
+@pytest.mark.parametrize("kind", ["descriptor", "revoke"])
+def test_a_journal_wrapping_onto_itself_ends(tmp_path, kind):
+    """s_maxlen 2^32-1, s_first = s_start = 2^32-2, that block mapped: the scan read it 4 billion
+    times (a hang; with a revoke block in it, 40 MB/s more memory)."""
+    image, at, free = journal_image(tmp_path)
+    top = 0xFFFFFFFE
+    patch(image, at + 0x28, extents((0, 1, free), (top, 1, free + 1)))
+    set_size(image, at, (top + 1) * 4096)
+    patch(image, free * 4096, jsb(0xFFFFFFFF, top, top))
+    block = descriptor(*range(5000, 5510)) if kind == "descriptor" else revoke(*range(100000, 101020))
+    patch(image, (free + 1) * 4096, block)
+    out = isolated(image, "result = fs.journal_note", timeout=10)
+    if kind == "descriptor":
+        assert out.startswith("OK the journal needs recovery but cannot be replayed (a journal "
+                              "transaction is longer than the journal"), out
+    else:
+        assert out == "OK replayed the journal in memory: 0 transaction(s), 0 block(s)"
+
+
+def test_a_journal_longer_than_its_file_is_not_replayed(tmp_path):
+    image, at, free = journal_image(tmp_path)
+    patch(image, at + 0x28, extents((0, 8, free)))
+    set_size(image, at, 8 * 4096)
+    patch(image, free * 4096, jsb(9, 1, 1))
+    fs = open_fs(image)
+    assert "cannot be replayed (corrupt journal superblock (log blocks 1 to 9" in fs.journal_note
+
+
+def test_repeated_revoke_records_are_held_once(tmp_path, monkeypatch):
+    """4,096 identical revoke blocks (the backup stores one) were 4 million list entries; a 128 MiB
+    journal of them cost 1.3 GB."""
+    n = 4096
+    image, at, free = journal_image(tmp_path, n)
+    patch(image, at + 0x28, extents((0, 1, free), (1, n, free + 1)))
+    set_size(image, at, (n + 1) * 4096)
+    patch(image, free * 4096, jsb(n + 1, 1, 1))
+    patch(image, (free + 1) * 4096, revoke(*range(100000, 101020)) * n)
+    out = isolated(image, "result = fs.journal_note", headroom=64 << 20)
+    assert out == "OK replayed the journal in memory: 0 transaction(s), 0 block(s)"
+    monkeypatch.setattr(jbd2, "MAX_ENTRIES", 1500)  # distinct ones are bounded
+    patch(image, (free + 2) * 4096, revoke(*range(200000, 201020)))
+    assert "names more than 1500 blocks" in open_fs(image).journal_note
+
+
+def test_an_unmapped_journal_data_block_means_no_replay_not_no_filesystem(tmp_path):
+    n = 8  # log blocks 1..8, the 9th (a descriptor's data block) not mapped; the commit wraps to 1
+    image, at, free = journal_image(tmp_path, n)
+    patch(image, at + 0x28, extents((0, n, free)))
+    set_size(image, at, (n + 1) * 4096)
+    patch(image, free * 4096, jsb(n + 1, 1, n - 1))
+    patch(image, (free + n - 1) * 4096, descriptor(5000))
+    patch(image, (free + 1) * 4096, commit())
+    fs = open_fs(image)
+    assert "cannot be replayed (journal block 8 is not mapped)" in fs.journal_note, fs.journal_note
+    assert fs.lookup("/hostname").size == 5
+
+
+def test_revoke_records_cancel_the_copies_before_them(tmp_path):
+    """Replay keeps only each block's newest copy: it must still be the one jbd2 recovery writes."""
+    image, at, free = journal_image(tmp_path, 64)
+    fs = open_fs(image)
+    target = fs.runs(fs.lookup("/hostname"))[0].pblk
+    log = [jsb(64, 1, 1),
+           descriptor(target, seq=7), b"first".ljust(4096, b"\0"), commit(7),
+           revoke(target, seq=8), commit(8),  # cancels the copy of transaction 7
+           descriptor(target, seq=9), b"third".ljust(4096, b"\0"), commit(9),
+           descriptor(target, seq=10), b"forth".ljust(4096, b"\0"), revoke(target, seq=10), commit(10)]
+    patch(image, at + 0x28, extents((0, 64, free)))
+    set_size(image, at, 64 * 4096)
+    # The log as far as block END: a revoke cancels copies in its own and earlier transactions.
+    for end, expected in ((4, b"first"), (6, b"host\n"), (9, b"third"), (13, b"host\n")):
+        patch(image, free * 4096, b"".join(log[:end]).ljust(len(log) * 4096 + 4096, b"\0"))
+        fs = open_fs(image)
+        assert f"{end // 3} transaction" in fs.journal_note or end == 13, fs.journal_note
+        got = b"".join(d for _o, d in fs.ranges(fs.lookup("/hostname")))
+        assert got == expected[:5], (end, fs.journal_note)
