@@ -13,10 +13,12 @@ Not supported (clear error): encrypted files, compression, a journal device inst
 from __future__ import annotations
 
 import contextlib
+import itertools
 import stat
 import struct
 from array import array
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from backyfs.errors import BackyfsError
@@ -36,6 +38,11 @@ _XATTR_MAGIC = 0xEA020000
 _MAX_SYMLINKS = 40
 _MAX_LINK_BYTES = 4096  # PATH_MAX: what the kernel allows a symlink target
 _MAX_DIR_BYTES = 1 << 30  # a directory of millions of entries is a few hundred MiB
+_MAX_LOG_BLOCK_SIZE = 6  # 64 KiB blocks, the kernel's largest
+_MAX_EXTENT_LEVELS = 8  # the kernel allows 5; kept at 8, as tests build deeper trees to attack
+_MAX_COMPONENTS = (_MAX_SYMLINKS + 1) * _MAX_LINK_BYTES // 2  # the most "a/" Linux would resolve
+_MAX_LISTED_RUNS = 1 << 20  # runs() as a list: ranges() and iter_runs() stream any number
+_DIR_CACHE_DIRS, _DIR_CACHE_ENTRIES = 64, 1 << 20  # lookup's parsed directories (the last always kept)
 
 
 class ExtError(BackyfsError):
@@ -87,6 +94,10 @@ class Run:
     initialized: bool = True  # an unwritten (preallocated) extent reads as zeros
 
 
+def _power_of_two(n: int) -> bool:
+    return n > 0 and not n & (n - 1)
+
+
 def _time_ns(raw: bytes, base: int, extra: int | None) -> int:
     (sec,) = struct.unpack_from("<i", raw, base)
     ns = 0
@@ -104,29 +115,48 @@ class ExtFS:
         if len(sb) < 1024 or struct.unpack_from("<H", sb, 0x38)[0] != EXT_MAGIC:
             raise ExtError("no ext2/ext3/ext4 superblock")
         self.sb = sb
-        (self.inodes_count, blocks_lo, _, _, _, self.first_data_block, log_bs, _, self.blocks_per_group,
-         _, self.inodes_per_group) = struct.unpack_from("<11I", sb, 0)
-        self.block_size = 1024 << log_bs
-        rev = struct.unpack_from("<I", sb, 0x4C)[0]
-        self.inode_size = struct.unpack_from("<H", sb, 0x58)[0] if rev >= 1 else 128
         self.compat, self.incompat, self.ro_compat = struct.unpack_from("<III", sb, 0x5C)
         self._check_features()
-        wide = self.incompat & INCOMPAT_64BIT
-        self.desc_size = max(32, struct.unpack_from("<H", sb, 0xFE)[0]) if wide else 32
-        self.blocks_count = blocks_lo | (struct.unpack_from("<I", sb, 0x150)[0] << 32 if wide else 0)
-        self.first_meta_bg = struct.unpack_from("<I", sb, 0x104)[0]
-        sane = self.inodes_per_group and self.blocks_per_group and 128 <= self.inode_size <= self.block_size
-        if not sane:
-            raise ExtError("corrupt superblock (zero group sizes or a bad inode size)")
-        self.groups = -(-(self.blocks_count - self.first_data_block) // self.blocks_per_group)
-        self.overrides: dict[int, bytes] = {}  # blocks as the replayed journal has them
+        self._geometry(sb)
+        self.overrides: Mapping[int, bytes] = {}  # blocks as the replayed journal has them
         self._tables: dict[int, int] = {}
+        self._dirs: OrderedDict[int, dict[bytes, int]] = OrderedDict()  # lookup's parsed directories
+        self._dirs_entries = 0
         self.journal_note = ""
         if replay_journal and self.incompat & INCOMPAT_RECOVER and self.compat & COMPAT_HAS_JOURNAL:
             from backyfs.fronts.jbd2 import replay
 
             self.overrides, self.journal_note = replay(self)
             self._tables.clear()
+
+    def _geometry(self, sb: bytes) -> None:
+        """Sizes from the superblock, checked as the kernel checks them: the guest wrote them, and a
+        wild one would otherwise allocate (1024 << 2^32) or divide by zero."""
+        (self.inodes_count, blocks_lo, _, _, _, self.first_data_block, log_bs, _, self.blocks_per_group,
+         _, self.inodes_per_group) = struct.unpack_from("<11I", sb, 0)
+        if log_bs > _MAX_LOG_BLOCK_SIZE:
+            raise ExtError(f"corrupt superblock: block size 1024 << {log_bs} (64 KiB at most)")
+        bs = self.block_size = 1024 << log_bs
+        rev = struct.unpack_from("<I", sb, 0x4C)[0]
+        self.inode_size = struct.unpack_from("<H", sb, 0x58)[0] if rev >= 1 else 128
+        if not 128 <= self.inode_size <= bs or not _power_of_two(self.inode_size):
+            raise ExtError(f"corrupt superblock: inode size {self.inode_size}")
+        wide = self.incompat & INCOMPAT_64BIT
+        self.desc_size = (struct.unpack_from("<H", sb, 0xFE)[0] or 32) if wide else 32
+        if not 32 <= self.desc_size <= 1024 or not _power_of_two(self.desc_size):
+            raise ExtError(f"corrupt superblock: group descriptor size {self.desc_size}")
+        self.blocks_count = blocks_lo | (struct.unpack_from("<I", sb, 0x150)[0] << 32 if wide else 0)
+        self.first_meta_bg = struct.unpack_from("<I", sb, 0x104)[0]
+        if not 0 < self.inodes_per_group <= 8 * bs or not self.blocks_per_group:
+            raise ExtError(f"corrupt superblock: {self.blocks_per_group} blocks and "
+                           f"{self.inodes_per_group} inodes per group")
+        if self.first_data_block >= self.blocks_count:
+            raise ExtError(f"corrupt superblock: first data block {self.first_data_block} of "
+                           f"{self.blocks_count}")
+        self.groups = -(-(self.blocks_count - self.first_data_block) // self.blocks_per_group)
+        if self.inodes_count > self.groups * self.inodes_per_group:
+            raise ExtError(f"corrupt superblock: {self.inodes_count} inodes in {self.groups} groups")
+        self.max_size = bs << 32  # logical block numbers are 32-bit
 
     def _check_features(self) -> None:
         if self.incompat & INCOMPAT_JOURNAL_DEV:
@@ -144,19 +174,24 @@ class ExtFS:
 
     def read_blocks(self, n: int, count: int) -> bytes:
         """COUNT blocks from N on, with journal overrides applied."""
+        data = self.device_blocks(n, count)
+        if not self.overrides or not any(b in self.overrides for b in range(n, n + count)):
+            return data
+        bs, buf = self.block_size, bytearray(data)
+        for b in range(n, n + count):
+            if b in self.overrides:
+                buf[(b - n) * bs : (b - n + 1) * bs] = self.overrides[b]
+        return bytes(buf)
+
+    def device_blocks(self, n: int, count: int) -> bytes:
+        """COUNT blocks from N on as the device has them (the journal's own reads)."""
         if n < 0 or count < 0 or n + count > self.blocks_count:
             raise ExtError(f"block {n}+{count} is beyond the end of the filesystem (corrupt)")
         bs = self.block_size
         data = self.pread(n * bs, count * bs)
         if len(data) != count * bs:
             raise ExtError(f"block {n}+{count} is beyond the end of the partition (truncated?)")
-        if not self.overrides or not any(b in self.overrides for b in range(n, n + count)):
-            return data
-        buf = bytearray(data)
-        for b in range(n, n + count):
-            if b in self.overrides:
-                buf[(b - n) * bs : (b - n + 1) * bs] = self.overrides[b]
-        return bytes(buf)
+        return data
 
     # --- inodes ---------------------------------------------------------------------------
     def _has_super(self, group: int) -> bool:
@@ -206,12 +241,22 @@ class ExtFS:
         atime_x = 0x8C if extra >= 16 else None
         if not stat.S_ISDIR(mode) or self.incompat & INCOMPAT_LARGEDIR:  # else i_dir_acl in ext2
             size_lo |= size_hi << 32
+        if size_lo > self.max_size:  # up to 2^64-1 on disk: no off_t holds that
+            raise ExtError(f"inode {ino}: size {size_lo} is beyond the format's maximum (corrupt)")
         return Inode(ino, mode, uid_lo | uid_hi << 16, gid_lo | gid_hi << 16, size_lo,
                      _time_ns(raw, 0x8, atime_x), _time_ns(raw, 0x10, mtime_x), flags, blocks, file_acl, raw)
 
     # --- block maps -----------------------------------------------------------------------
     def runs(self, inode: Inode) -> list[Run]:
-        """The file's mapped blocks in logical order; the gaps are holes."""
+        """iter_runs() as a list, for maps known to be small; a longer one is an error."""
+        runs = list(itertools.islice(self.iter_runs(inode), _MAX_LISTED_RUNS + 1))
+        if len(runs) > _MAX_LISTED_RUNS:
+            raise ExtError(f"inode {inode.ino}: more than {_MAX_LISTED_RUNS} block runs")
+        return runs
+
+    def iter_runs(self, inode: Inode) -> Iterator[Run]:
+        """The file's mapped blocks in logical order, clipped to i_size; the gaps are holes. Made as
+        they are consumed: a hostile map can name billions of runs in a few MiB of tree blocks."""
         if inode.flags & FL_ENCRYPT:
             raise ExtError(f"inode {inode.ino} is encrypted")
         nblocks = -(-inode.size // self.block_size)
@@ -219,10 +264,16 @@ class ExtFS:
         # make the walk exponential, so it is an error.
         seen: set[int] = set()
         if inode.flags & FL_EXTENTS:
-            runs = list(self._extent_runs(inode.raw[0x28:0x64], 0, nblocks, seen))
+            found = self._extent_runs(inode.raw[0x28:0x64], None, 0, nblocks, seen)
         else:
-            runs = _coalesce(self._indirect_runs(inode.raw[0x28:0x64], nblocks, seen))
-        return [r for r in runs if r.lblk < nblocks]
+            found = _coalesce(self._indirect_runs(inode.raw[0x28:0x64], nblocks, seen))
+        end = 0
+        for run in found:
+            if run.lblk < end:  # an extent over an earlier one, or out of order: not a sound map
+                raise ExtError(f"inode {inode.ino}: corrupt block map (block {run.lblk} mapped twice)")
+            if run.lblk < nblocks and run.count:  # (the walk goes on: a reused tree block is an error)
+                end = run.lblk + run.count
+                yield run if end <= nblocks else Run(run.lblk, run.pblk, nblocks - run.lblk, run.initialized)
 
     def _tree_block(self, pblk: int, seen: set[int]) -> bytes:
         if pblk in seen:
@@ -230,9 +281,12 @@ class ExtFS:
         seen.add(pblk)
         return self.block(pblk)
 
-    def _extent_runs(self, node: bytes, level: int, nblocks: int, seen: set[int]) -> Iterator[Run]:
+    def _extent_runs(self, node: bytes, want: int | None, level: int, nblocks: int,
+                     seen: set[int]) -> Iterator[Run]:
+        """The runs of an extent (sub)tree; WANT: the depth its parent says it has."""
         magic, entries, _max, depth = struct.unpack_from("<HHHH", node, 0)
-        if magic != EXTENT_MAGIC or level > 8 or 12 + 12 * entries > len(node):
+        bad_depth = depth != want if want is not None else depth > _MAX_EXTENT_LEVELS
+        if magic != EXTENT_MAGIC or bad_depth or level > _MAX_EXTENT_LEVELS or 12 + 12 * entries > len(node):
             raise ExtError("corrupt extent tree")
         for i in range(entries):
             pos = 12 + 12 * i
@@ -244,7 +298,8 @@ class ExtFS:
                 lblk, lo, hi = struct.unpack_from("<IIH", node, pos)
                 if lblk >= nblocks:  # entries are sorted: the rest lies past the end of the file
                     return
-                yield from self._extent_runs(self._tree_block(hi << 32 | lo, seen), level + 1, nblocks, seen)
+                child = self._tree_block(hi << 32 | lo, seen)
+                yield from self._extent_runs(child, depth - 1, level + 1, nblocks, seen)
 
     def _indirect_runs(self, iblock: bytes, nblocks: int, seen: set[int]) -> Iterator[Run]:
         ptrs = struct.unpack("<15I", iblock)
@@ -303,20 +358,17 @@ class ExtFS:
             yield 0, self.inline_data(inode)[: inode.size]
             return
         bs, per_chunk = self.block_size, max(1, chunk // self.block_size)
-        for run in self.runs(inode):
+        for run in self.iter_runs(inode):
             if not run.initialized:
                 continue
             for i in range(0, run.count, per_chunk):
-                offset = (run.lblk + i) * bs
-                if offset >= inode.size:
-                    return
+                offset = (run.lblk + i) * bs  # runs end at i_size
                 data = self.read_blocks(run.pblk + i, min(per_chunk, run.count - i))
                 yield offset, data[: inode.size - offset]
 
     def read(self, inode: Inode) -> bytes:
-        """The whole content (for directories and symlinks; files go through ranges())."""
-        limit = _MAX_DIR_BYTES if inode.is_dir else _MAX_LINK_BYTES
-        if inode.size > limit:  # a damaged size must not allocate gigabytes
+        """A symlink's whole content (files go through ranges(), directories through listdir())."""
+        if inode.size > _MAX_LINK_BYTES:  # a damaged size must not allocate gigabytes
             raise ExtError(f"inode {inode.ino}: size {inode.size} is impossible for its type")
         buf = bytearray(inode.size)
         for offset, data in self.ranges(inode):
@@ -339,37 +391,81 @@ class ExtFS:
         if inode.flags & FL_INLINE_DATA:  # 4 bytes of parent inode, then entries
             entries = self.inline_data(inode)[4:]
             return _dirents(entries, len(entries))
-        return _dirents(self.read(inode), self.block_size)
+        out: list[tuple[bytes, int]] = []
+        for data in self._dir_blocks(inode):
+            out += _dirents(data, self.block_size)
+        return out
+
+    def _dir_blocks(self, inode: Inode, chunk: int = 64) -> Iterator[bytes]:
+        """A directory's written blocks, one by one (holes and unwritten extents hold no entries): a
+        damaged size must not allocate, and a block named twice would repeat its entries without
+        end (no sound ext filesystem shares a block within a directory)."""
+        if inode.size > _MAX_DIR_BYTES:
+            raise ExtError(f"inode {inode.ino}: size {inode.size} is impossible for its type")
+        bs, used = self.block_size, set()
+        for run in self.iter_runs(inode):
+            for i in range(0, run.count, chunk):
+                count = min(chunk, run.count - i)
+                for pblk in range(run.pblk + i, run.pblk + i + count):
+                    if pblk in used:
+                        raise ExtError(f"directory inode {inode.ino}: block {pblk} is used twice (corrupt)")
+                    used.add(pblk)
+                if run.initialized:
+                    data = self.read_blocks(run.pblk + i, count)
+                    for k in range(count):
+                        offset = (run.lblk + i + k) * bs
+                        yield data[k * bs : k * bs + min(bs, inode.size - offset)]
+
+    def _entries(self, inode: Inode) -> dict[bytes, int]:
+        """listdir() as {name: inode}, from a small LRU cache: a path like x/../x/../ (which symlinks
+        can repeat thousands of times) must not parse the same directory again each time."""
+        entries = self._dirs.get(inode.ino)
+        if entries is not None:
+            self._dirs.move_to_end(inode.ino)
+            return entries
+        entries = self._dirs[inode.ino] = dict(self.listdir(inode))
+        self._dirs_entries += len(entries)
+        while len(self._dirs) > 1 and (len(self._dirs) > _DIR_CACHE_DIRS
+                                       or self._dirs_entries > _DIR_CACHE_ENTRIES):
+            self._dirs_entries -= len(self._dirs.popitem(last=False)[1])
+        return entries
 
     def lookup(self, path: str, follow_last: bool = False) -> Inode:
         """The inode at PATH (from the filesystem's root). Symlinks on the way are followed, inside
         this filesystem; the last component only with follow_last."""
-        parts = [p for p in path.split("/") if p not in ("", ".")]
+        todo = _components(path)  # reversed: the next one last
         stack: list[Inode] = [self.inode(ROOT_INO)]
-        hops = 0
-        while parts:
-            name = parts.pop(0)
+        hops = steps = 0
+        while todo:
+            name = todo.pop()
+            steps += 1
+            if steps > _MAX_COMPONENTS:
+                raise ExtError(f"{path}: too many path components (through symbolic links)")
             if name == "..":
                 if len(stack) > 1:
                     stack.pop()
                 continue
-            found = dict(self.listdir(stack[-1])).get(name.encode("utf-8", "surrogateescape"))
+            found = self._entries(stack[-1]).get(name.encode("utf-8", "surrogateescape"))
             if found is None:
                 raise ExtError(f"{path}: no such file or directory")
             node = self.inode(found)
-            if node.is_link and (parts or follow_last):
+            if node.is_link and (todo or follow_last):
                 hops += 1
                 if hops > _MAX_SYMLINKS:
                     raise ExtError(f"{path}: too many levels of symbolic links")
                 target = self.readlink(node).decode("utf-8", "surrogateescape")
                 if target.startswith("/"):
                     stack = stack[:1]
-                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+                todo += _components(target)
                 continue
-            if parts and not node.is_dir:
+            if todo and not node.is_dir:
                 raise ExtError(f"{path}: {name} is not a directory")
             stack.append(node)
         return stack[-1]
+
+
+def _components(path: str) -> list[str]:
+    return [p for p in reversed(path.split("/")) if p not in ("", ".")]
 
 
 def _dirents(data: bytes, block_size: int) -> list[tuple[bytes, int]]:
@@ -391,12 +487,14 @@ def _dirents(data: bytes, block_size: int) -> list[tuple[bytes, int]]:
     return out
 
 
-def _coalesce(runs: Iterator[Run]) -> list[Run]:
-    out: list[Run] = []
+def _coalesce(runs: Iterator[Run]) -> Iterator[Run]:
+    last: Run | None = None
     for r in runs:
-        last = out[-1] if out else None
         if last and last.lblk + last.count == r.lblk and last.pblk + last.count == r.pblk:
-            out[-1] = Run(last.lblk, last.pblk, last.count + r.count)
+            last = Run(last.lblk, last.pblk, last.count + r.count)
         else:
-            out.append(r)
-    return out
+            if last:
+                yield last
+            last = r
+    if last:
+        yield last
