@@ -68,3 +68,35 @@ def test_rebuild_db_waits_for_running_backups(repo_env: RepoEnv, tmp_path: Path)
     repo_env.db_path.unlink()
     repo_env.ok("rebuild-db")  # with no backup running
     assert "a" in {v["volume"] for v in repo_env.versions()}
+
+
+def test_a_backup_does_not_resume_a_killed_commit(repo_env: RepoEnv, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit killed while storing left a pending version labelled committed-from; the nightly
+    backup of the unchanged image resumed it (label and all), and the commit run again took that
+    for its own work: it discarded the overlay and named a version without its writes."""
+    from backyfs.config import load_config
+    from backyfs.export.service import ExportService, commit_overlay
+    from backyfs.repository.writer import BackupWriter
+
+    img = write_image(tmp_path / "img", ["rand"] * 2)
+    uid = repo_env.backup(img, "vm")["uid"]
+    service = ExportService(load_config())
+    device = service.open(uid, writable=True)
+    device.pwrite(b"x" * 65536, 0)
+    device.close()
+
+    def killed(self, plan):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(BackupWriter, "_process", killed)
+        with pytest.raises(KeyboardInterrupt):
+            commit_overlay(service, uid)
+    service.close()
+    nightly = repo_env.backup(img, "vm")
+    assert "committed-from" not in repo_env.ok("show", nightly["uid"], "--json").json()["labels"]
+    res = repo_env.ok("overlay", "commit", uid)
+    made = res.out.split()[0]
+    repo_env.ok("restore", made, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes()[:65536] == b"x" * 65536

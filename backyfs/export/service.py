@@ -17,7 +17,7 @@ from backyfs.export.device import READAHEAD_BLOCKS, BlockFetcher, ExportDevice
 from backyfs.export.overlay import Overlay, discard_overlay, list_overlays
 from backyfs.metadata.db import Version
 from backyfs.repository.extents import Extent
-from backyfs.repository.writer import BackupWriter
+from backyfs.repository.writer import COMMIT_LABEL, BackupWriter
 
 _EXPORT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -137,7 +137,7 @@ def commit_overlay(service: ExportService, version_uid: str, overlay_name: str =
         bs = version.block_size
         hints = [Extent(i * bs, min(bs, version.size - i * bs)) for i in changed]
         writer = BackupWriter(repo, _DeviceSource(device), version.volume, parent=version, hints=hints,
-                              labels={"committed-from": origin, **(labels or {})},
+                              labels={**(labels or {}), COMMIT_LABEL: origin},
                               threads=service.cfg.threads, sample_percent=0)
         new_version = writer.run()
     finally:
@@ -155,6 +155,6 @@ def _committed_already(service: ExportService, version: Version, overlay_name: s
     if not infos:
         return None
     for made in reversed(service.repo.db.versions(volume=version.volume, state="valid")):
-        if made.labels.get("committed-from") == origin and made.created >= infos[0].modified:
+        if made.labels.get(COMMIT_LABEL) == origin and made.created >= infos[0].modified:
             return made
     return None

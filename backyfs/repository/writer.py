@@ -32,6 +32,8 @@ from backyfs.storage.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
+COMMIT_LABEL = "committed-from"  # VERSION/OVERLAY on versions made by an overlay commit
+
 CHECKPOINT_SECONDS = 5.0
 
 
@@ -165,9 +167,13 @@ class BackupWriter:
         parent_uid = self.parent.uid if self.parent else None
         for pending in reversed(self.repo.db.versions(volume=self.volume, state="pending")):
             # Only the same kind of run: an overlay commit (no snapshot) resuming an interrupted RBD
-            # backup would become a valid version carrying a snapshot of other content.
-            if (pending.parent, pending.size, pending.block_size, pending.snapshot is None) == (
-                    parent_uid, self.source.size, self.block_size, self.snapshot is None):
+            # backup would become a valid version carrying a snapshot of other content; a backup
+            # resuming a killed commit would take its label, and a re-run of the commit, trusting
+            # that label, would then discard the overlay as committed.
+            if (pending.parent, pending.size, pending.block_size, pending.snapshot is None,
+                    pending.labels.get(COMMIT_LABEL)) == (
+                    parent_uid, self.source.size, self.block_size, self.snapshot is None,
+                    self.labels.get(COMMIT_LABEL)):
                 self.resumed = pending.uid
                 self.repo.db.set_labels(pending.uid, self.labels)
                 if self.snapshot:  # a resumed RBD backup reads its new snapshot
