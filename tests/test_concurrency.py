@@ -100,3 +100,23 @@ def test_a_backup_does_not_resume_a_killed_commit(repo_env: RepoEnv, tmp_path: P
     made = res.out.split()[0]
     repo_env.ok("restore", made, tmp_path / "out")
     assert (tmp_path / "out").read_bytes()[:65536] == b"x" * 65536
+
+
+def test_prune_keeps_versions_with_overlays(repo_env: RepoEnv, tmp_path: Path) -> None:
+    """rm refuses a version with overlays; prune (and a job's keep) removed it, orphaning the
+    writes, and two gc runs later a writable export of it read EIO."""
+    from backyfs.config import load_config
+    from backyfs.export.service import ExportService
+
+    img = write_image(tmp_path / "img", ["rand"])
+    old = repo_env.backup(img, "vm")["uid"]
+    newer = [repo_env.backup(img, "vm", "--full")["uid"] for _ in range(2)]
+    service = ExportService(load_config())
+    device = service.open(old, writable=True)
+    device.pwrite(b"x" * 512, 0)
+    device.close()
+    service.close()
+    res = repo_env.ok("prune", "--keep-last", "1")
+    assert f"kept {old} of vm: it has overlays" in res.err
+    assert f"removed {newer[0]} of vm" in res.out
+    assert [v["uid"] for v in repo_env.versions()] == [old, newer[1]]

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from backyfs.cli import helptext
-from backyfs.cli.commands import UsageError, _print_json, _repo
+from backyfs.cli.commands import UsageError, _config_and_repo, _print_json, _repo
 from backyfs.errors import NotFound
 
 
@@ -33,21 +33,39 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from backyfs.repository.retention import Policy, versions_to_remove
+    from backyfs.repository.retention import Policy
 
     policy = Policy(args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
     if policy.empty():
         raise UsageError("give at least one --keep-* rule")
-    repo = _repo(args)
+    cfg, repo = _config_and_repo(args)
     volumes = [args.volume] if args.volume else sorted({v.volume for v in repo.db.versions()})
     if args.volume and not repo.db.versions(volume=args.volume):
         raise NotFound(f"unknown volume {args.volume!r}")
     for volume in volumes:
-        for version in versions_to_remove(repo.db.versions(volume=volume), policy):
-            if not args.dry_run:
-                repo.delete_version(version)
-            print(f"{'would remove' if args.dry_run else 'removed'} {version.uid} of {volume}")
+        prune_volume(cfg, repo, volume, policy, dry_run=args.dry_run, prefix="")
     return 0
+
+
+def prune_volume(cfg, repo, volume: str, policy, *, dry_run: bool = False, prefix: str) -> None:
+    """Remove the versions of VOLUME that POLICY does not keep (prune, and a job's keep), except
+    those with overlays: writes on top of them, which rm too refuses to drop unasked, and maybe
+    a writable export in use. One removed meanwhile (another prune) is already gone."""
+    from backyfs.export.overlay import list_overlays
+    from backyfs.repository.retention import versions_to_remove
+
+    overlaid = {o.version_uid for o in list_overlays(cfg.overlay_dir)}
+    for version in versions_to_remove(repo.db.versions(volume=volume), policy):
+        if version.uid in overlaid:
+            print(f"{prefix}kept {version.uid} of {volume}: it has overlays (commit or discard them, "
+                  "backyfs overlay ls)", file=sys.stderr)
+            continue
+        if not dry_run:
+            try:
+                repo.delete_version(version)
+            except NotFound:
+                continue
+        print(f"{prefix}{'would remove' if dry_run else 'removed'} {version.uid} of {volume}")
 
 
 def register_housekeeping(sub: argparse._SubParsersAction) -> None:

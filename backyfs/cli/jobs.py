@@ -48,8 +48,9 @@ def _parse_job_argv(parser: argparse.ArgumentParser, argv: list[str], name: str)
 
 
 def cmd_job_run(args: argparse.Namespace) -> int:
+    from backyfs.cli.housekeeping import prune_volume
     from backyfs.cli.main import build_parser
-    from backyfs.repository.retention import Policy, versions_to_remove
+    from backyfs.repository.retention import Policy
 
     cfg = load_config(args.config)
     job = _job(cfg, args.name)
@@ -71,9 +72,7 @@ def cmd_job_run(args: argparse.Namespace) -> int:
     keep = job.get("keep")
     if keep:
         policy = Policy(**{k: int(v) for k, v in keep.items()})
-        for old in versions_to_remove(repo.db.versions(volume=version.volume), policy):
-            repo.delete_version(old)
-            print(f"job {args.name}: pruned {old.uid}")
+        prune_volume(cfg, repo, version.volume, policy, prefix=f"job {args.name}: ")
     return 0
 
 
