@@ -120,3 +120,46 @@ def test_prune_keeps_versions_with_overlays(repo_env: RepoEnv, tmp_path: Path) -
     assert f"kept {old} of vm: it has overlays" in res.err
     assert f"removed {newer[0]} of vm" in res.out
     assert [v["uid"] for v in repo_env.versions()] == [old, newer[1]]
+
+
+def test_a_parent_removed_as_the_backup_starts_is_a_clear_error(repo_env: RepoEnv, tmp_path: Path) -> None:
+    """The parent chosen, then removed (rm, prune) before the new version's row: it failed with
+    "metadata database: FOREIGN KEY constraint failed"."""
+    from backyfs.config import load_config, open_repository
+    from backyfs.errors import NotFound
+    from backyfs.repository.writer import BackupWriter
+    from backyfs.sources.file import FileSource
+
+    img = write_image(tmp_path / "img", ["rand"])
+    repo_env.backup(img, "vm")
+    repo = open_repository(load_config())
+    parent = repo.resolve("vm")
+    repo.delete_version(parent)
+    source = FileSource(str(img))
+    with pytest.raises(NotFound, match=f"parent version {parent.uid} was removed meanwhile"):
+        BackupWriter(repo, source, "vm", parent=parent).run()
+    source.close()
+    repo.close()
+
+
+def test_deep_scrub_of_a_version_removed_meanwhile(repo_env: RepoEnv, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version removed (and its blocks gc'd) while deep-scrub checked it: scrub failed with
+    "unknown version" before recording the others, or reported the gc'd blocks as missing."""
+    import backyfs.repository.scrub as scrub
+
+    keep = repo_env.backup(write_image(tmp_path / "a.img", ["rand"]), "a")["uid"]
+    gone = repo_env.backup(write_image(tmp_path / "b.img", ["rand", "text"]), "b")["uid"]
+    real, done = scrub._check_one, []
+
+    def check_one(repo, digest, size, deep):
+        if not done:  # the first object: meanwhile another admin removes b and collects garbage
+            done.append(True)
+            for args in (("rm", gone), ("gc",), ("gc",)):
+                assert repo_env.run(*args).rc == 0
+        return real(repo, digest, size, deep)
+
+    monkeypatch.setattr(scrub, "_check_one", check_one)
+    res = repo_env.call("deep-scrub", "--all")
+    assert res.rc == 0, res.err
+    assert [v["uid"] for v in repo_env.versions()] == [keep]

@@ -465,3 +465,8 @@ def test_a_discard_killed_while_deleting_leaves_no_overlay_behind(service):
     assert sorted(os.listdir(root)) == []
     with pytest.raises(BackyfsError):
         service.open(version.uid, writable=True, overlay_name="old.discarded.2")
+    # A discard deleting right now (its trash is young) is left to finish: sweeping its files from
+    # under it made that discard, or the commit that called it, fail after its work was done.
+    live = root / f".discarded-other-{time.time_ns()}"
+    live.mkdir()
+    assert list_overlays(service.cfg.overlay_dir) == [] and live.is_dir()

@@ -222,8 +222,9 @@ def list_overlays(root: str) -> list[OverlayInfo]:
             continue
         for name in names:
             path = os.path.join(root, uid, name)
-            if _is_trash(name):  # left by a discard that was killed while deleting
-                shutil.rmtree(path, ignore_errors=True)
+            if _is_trash(name):  # left by a discard killed while deleting, or one deleting now
+                if _trash_age(name) > TRASH_SWEEP_AFTER_S:
+                    shutil.rmtree(path, ignore_errors=True)
                 continue
             try:
                 state = _read_state_files(path)
@@ -267,11 +268,25 @@ def _remove_tree(path: str) -> None:
     # leaves trash that list_overlays() sweeps, never a half overlay.
     trash = os.path.join(parent, f".discarded-{name}-{time.time_ns()}")
     os.rename(path, trash)
-    shutil.rmtree(trash)
+
+    def gone_already(func, failed: str, exc_info) -> None:  # swept by an old-style list_overlays
+        if not isinstance(exc_info[1], FileNotFoundError):
+            raise exc_info[1]
+
+    shutil.rmtree(trash, onerror=gone_already)
     try:
         os.rmdir(parent)
     except OSError:
         pass
+
+
+TRASH_SWEEP_AFTER_S = 600.0  # a discard deleting a large overlay may take a while
+
+
+def _trash_age(name: str) -> float:
+    """Seconds since a discard renamed this overlay to trash (its name ends in the time in ns)."""
+    stamp = re.search(r"(\d{19,})$", name)
+    return time.time() - int(stamp.group(1)) / 1e9 if stamp else float("inf")
 
 
 def _is_trash(name: str) -> bool:

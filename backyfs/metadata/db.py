@@ -141,6 +141,10 @@ class MetadataDB:
         row["protected"] = int(row["protected"])
         columns = ", ".join(row)  # the dataclass's field names: fixed, never user input
         with self._tx() as conn:
+            if version.parent and not conn.execute("SELECT 1 FROM versions WHERE uid = ?",
+                                                   (version.parent,)).fetchone():
+                raise NotFound(f"the parent version {version.parent} was removed meanwhile: run the "
+                               "backup again (it diffs against the latest valid version)")
             conn.execute(f"INSERT INTO versions ({columns}) VALUES ({', '.join('?' * len(row))})",
                          list(row.values()))
             self._set_labels(conn, version.uid, labels)

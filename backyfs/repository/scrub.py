@@ -65,13 +65,18 @@ def scrub(repo: Repository, versions: list[Version], *, deep: bool, percent: flo
     _record(repo, versions, maps, result, deep, full=percent >= 100)
     if deep:
         for version in versions:
-            _check_mirror(repo, version, maps[version.uid], result)
+            with repo.versions_lock():  # not while an rm of it is half-way
+                _check_mirror(repo, version, maps[version.uid], result)
     return result
 
 
 def _check_mirror(repo: Repository, version: Version, blockmap, result: ScrubResult) -> None:
     """The store's copy of a version, which rebuild-db recovers from. A damaged copy is written
     again; a missing one only reported: rm deletes it first, so it may be an interrupted rm's."""
+    try:
+        current = repo.db.get_version(version.uid)
+    except NotFound:  # removed meanwhile
+        return
     meta_key = f"versions/{version.uid}/meta.json"
     try:
         meta = json.loads(codec.decode(repo.store.get(meta_key), meta_key))
@@ -86,10 +91,6 @@ def _check_mirror(repo: Repository, version: Version, blockmap, result: ScrubRes
         same_map = mapstore.get_map(repo.store, version.uid) == blockmap.to_bytes()
     except (ObjectMissing, CorruptObject):
         same_map = False
-    try:
-        current = repo.db.get_version(version.uid)
-    except NotFound:  # removed meanwhile
-        return
     if meta.get("uid") != current.uid or meta.get("state") != current.state or not same_map:
         repo.save_version(current, blockmap)
         result.remirrored.append(version.uid)
@@ -121,15 +122,25 @@ def _record(repo: Repository, versions: list[Version], maps: dict, result: Scrub
     corrupt = [d for d, why in result.bad.items() if why != "missing"]
     repo.db.mark_blocks(missing, "missing")
     repo.db.mark_blocks(corrupt, "corrupt")
+    still_needed: set[bytes] = set()
     for version in versions:
+        try:
+            version = repo.db.get_version(version.uid)
+        except NotFound:  # removed (and maybe gc'd) while we checked: nothing of it to report
+            continue
         blockmap = maps[version.uid]
         hits = [(i, d) for i, d in blockmap.items() if d in result.bad]
+        still_needed.update(d for _, d in hits)
         for block_idx, digest in hits:
             result.findings.append(f"version {version.uid} block {block_idx} at offset "
                                    f"{block_idx * blockmap.block_size}: {result.bad[digest]}")
-        if hits and version.state == "valid":
-            repo.set_state(version, "invalid")
-            result.invalidated.append(version.uid)
-        elif not hits and full and version.state == "invalid":
-            repo.set_state(version, "valid")
-            result.revalidated.append(version.uid)
+        new_state = "invalid" if hits and version.state == "valid" else \
+            "valid" if not hits and full and version.state == "invalid" else None
+        if new_state:
+            try:
+                repo.set_state(version, new_state)
+            except NotFound:
+                continue
+            (result.invalidated if new_state == "invalid" else result.revalidated).append(version.uid)
+    # Objects only removed versions needed (gc may have deleted them meanwhile) are no finding.
+    result.bad = {d: why for d, why in result.bad.items() if d in still_needed}
