@@ -38,3 +38,7 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, timeout, systemctl stop), raised like Ctrl-C's KeyboardInterrupt so that work in
     progress is cleaned up the same way: a restore removes its partial file, a backup stops its
     snapshot commands and leaves its version pending, to resume."""
+
+
+class AlreadyRunning(StateError):
+    """Another run holds the lock this one needs (a backup of the same volume)."""

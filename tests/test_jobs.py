@@ -92,3 +92,23 @@ def test_a_job_with_bad_args_is_a_failed_run(tmp_path, capsys):
     assert main(["--config", cfg, "jobs", "--json"]) == 3
     rows = {r["job"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["typo"]["status"] == "failed" and "--bogus" in rows["typo"]["message"]
+
+
+def test_an_overlapping_start_refused_is_not_the_jobs_last_run(tmp_path, capsys):
+    """A second start while the job runs (a timer and a hand) is refused, and was then recorded as
+    the job's newest run, failed: the monitor alarmed although the running backup succeeded."""
+    from backyfs.repository.repo import lock_volume
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(MiB))
+    cfg = _config(tmp_path, image)
+    assert main(["--config", cfg, "job", "run", "good"]) == 0
+    held = lock_volume(load_config(cfg).db_path, "vm1")  # the running one holds the volume's lock
+    try:
+        assert main(["--config", cfg, "job", "run", "good"]) == 1
+    finally:
+        held.close()
+    assert "already running" in capsys.readouterr().err
+    main(["--config", cfg, "jobs", "--json"])
+    rows = {r["job"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["good"]["status"] == "ok"

@@ -17,7 +17,7 @@ import time
 
 from backyfs.cli.commands import DataProblem, _print_json, run_backup
 from backyfs.config import load_config, open_repository
-from backyfs.errors import BackyfsError, ConfigError, Terminated
+from backyfs.errors import AlreadyRunning, BackyfsError, ConfigError, Terminated
 
 
 def _job(cfg, name: str) -> dict:
@@ -60,6 +60,9 @@ def cmd_job_run(args: argparse.Namespace) -> int:
     try:
         backup_args = _parse_job_argv(build_parser(), config_argv + _backup_argv(args.name, job), args.name)
         version, _parent = run_backup(backup_args)
+    except AlreadyRunning:  # an overlapping start (timer and hand): the running one is the run
+        repo.db.forget_job_run(run_id)
+        raise
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             message = "terminated" if isinstance(exc, Terminated) else "interrupted"

@@ -307,6 +307,10 @@ class MetadataDB:
                 "UPDATE job_runs SET finished = ?, state = ?, version_uid = ?, message = ? WHERE id = ?",
                 (time.time(), "ok" if ok else "failed", version_uid, message, run_id))
 
+    def forget_job_run(self, run_id: int) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM job_runs WHERE id = ?", (run_id,))
+
     def last_job_runs(self) -> dict[str, dict]:
         """The newest run of each job, and the newest successful one's finish time."""
         rows = self._rows(

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import IO
 
-from backyfs.errors import BackyfsError, CorruptObject, NotFound, ObjectMissing, StateError
+from backyfs.errors import AlreadyRunning, BackyfsError, CorruptObject, NotFound, ObjectMissing
 from backyfs.fsutil import makedirs_private
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import MetadataDB, Version
@@ -109,7 +109,7 @@ def lock_volume(db_path: str, volume: str) -> IO[str]:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StateError(f"a backup of volume {volume} is already running") from None
+        raise AlreadyRunning(f"a backup of volume {volume} is already running") from None
     return os.fdopen(fd)
 
 
