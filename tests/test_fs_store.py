@@ -99,3 +99,12 @@ def test_every_directory_made_is_private_whatever_the_umask(tmp_path: Path) -> N
     assert {str(p): stat.S_IMODE(p.stat().st_mode) for p in made} == {str(p): 0o700 for p in made}
     assert stat.S_IMODE((tmp_path / "shared").stat().st_mode) == 0o755  # existing ones keep theirs
     assert stat.S_IMODE((tmp_path / "shared/deep/store/blocks/ab/abcd").stat().st_mode) == 0o600
+
+
+def test_a_removed_versions_directory_goes_with_it(repo_env: RepoEnv, tmp_path: Path) -> None:
+    """Empty versions/UID directories piled up (1,233 after a day of tests), walked by every gc."""
+    repo_env.backup(write_image(tmp_path / "a.img", ["rand"]), "a")
+    uid = repo_env.backup(write_image(tmp_path / "b.img", ["rand"]), "b")["uid"]
+    repo_env.ok("rm", uid)
+    assert not (repo_env.store_dir / "versions" / uid).exists()
+    assert len(list((repo_env.store_dir / "versions").iterdir())) == 1

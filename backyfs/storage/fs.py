@@ -138,10 +138,14 @@ class FilesystemStore(ObjectStore):
             raise ObjectMissing(f"object {key} is missing from {self.url}") from None
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            _unlink_quietly(self._path(key))
+            _unlink_quietly(path)
         except OSError as exc:
             raise StoreUnavailable(f"cannot delete {key} from {self.url}: {exc.strerror}") from None
+        if key.startswith("versions/"):  # a removed version's directory: every listing walks it
+            with contextlib.suppress(OSError):  # not empty yet (its other objects go next)
+                os.rmdir(os.path.dirname(path))
 
     def list(self, prefix: str = "") -> Iterator[str]:
         # Walk only the directory the prefix points into, so listing "versions/" does not visit blocks.
