@@ -163,3 +163,27 @@ def test_deep_scrub_of_a_version_removed_meanwhile(repo_env: RepoEnv, tmp_path: 
     res = repo_env.call("deep-scrub", "--all")
     assert res.rc == 0, res.err
     assert [v["uid"] for v in repo_env.versions()] == [keep]
+
+
+def test_a_valid_backup_removes_the_volumes_dead_pending_versions(repo_env: RepoEnv, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A killed backup that later runs can no longer resume (its parent is not the latest any more)
+    stayed pending for ever."""
+    from backyfs.repository.writer import BackupWriter
+
+    img = write_image(tmp_path / "img", ["rand"] * 2)
+    repo_env.backup(img, "vm")
+    repo_env.backup(write_image(tmp_path / "other", ["rand"]), "other")
+
+    def killed(self, plan):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(BackupWriter, "_process", killed)
+        assert repo_env.call("backup", img, "vm", "--full").rc == 130
+        assert repo_env.call("backup", tmp_path / "other", "other", "--full").rc == 130
+    states = [(v["volume"], v["state"]) for v in repo_env.versions()]
+    assert states.count(("vm", "pending")) == 1
+    repo_env.backup(img, "vm")  # not --full: it cannot resume the --full run's version
+    states = [(v["volume"], v["state"]) for v in repo_env.versions()]
+    assert ("vm", "pending") not in states and ("other", "pending") in states  # only its own volume

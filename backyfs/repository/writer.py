@@ -141,9 +141,22 @@ class BackupWriter:
         self.repo.save_version(version, blockmap)
         self.repo.store.flush()
         self.repo.set_state(version, "valid")
+        self._drop_dead_pending(version)
         log.debug("version %s is valid after %.2f s: %s", version.uid, time.monotonic() - started,
                   " ".join(f"{name}={value}" for name, value in self.stats.as_dict().items()))
         return self.repo.db.get_version(version.uid)
+
+    def _drop_dead_pending(self, made: Version) -> None:
+        """Remove the volume's other pending versions from before this one: killed runs no later
+        run can resume any more (one resumes only on the parent it started from, which is now
+        older than this version). Nothing else writes them: this run holds the volume's lock."""
+        for pending in self.repo.db.versions(volume=self.volume, state="pending"):
+            if pending.uid != made.uid and pending.created < made.created:
+                try:
+                    self.repo.delete_version(pending)
+                    log.debug("removed the dead pending version %s", pending.uid)
+                except BackyfsError as exc:  # harmless: it only takes room in listings
+                    log.warning("cannot remove the dead pending version %s: %s", pending.uid, exc)
 
     def _repair_damaged(self, blocks: dict[int, bytes]) -> None:
         """Blocks a scrub found missing or corrupt while this backup ran (it took unchanged blocks
