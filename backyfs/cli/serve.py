@@ -410,7 +410,11 @@ def daemonize(plan: Plan, leftovers: list[str]) -> int:
         _detach_stdio(plan.log_file)
         supervisor = Supervisor(leftovers)
         supervisor.start(plan)
-        os.write(write_fd, b"ok")
+        try:
+            os.write(write_fd, b"ok")
+        except OSError:  # `serve` was killed before it could print the URLs: nobody knows of us
+            supervisor.stop()
+            raise
         os.close(write_fd)
         rc = supervisor.wait()
     except BaseException as exc:  # reported to the waiting parent; never return into its code
