@@ -45,6 +45,10 @@ indices and offsets that use them, and those versions are marked invalid (exit c
 up the same data again writes a good copy and heals them; a later full scrub marks the
 versions valid again.
 
+deep-scrub also checks the metadata database itself (SQLite's quick_check) and each version's
+copy of its metadata and block map in the store, which 'rebuild-db' recovers from: a damaged
+copy is written again; a missing one (an rm interrupted half-way?) is reported (exit code 3).
+
 examples:
   backyfs scrub --all                                   # cheap: sizes only, e.g. daily
   backyfs deep-scrub --all --percent 5                  # a random 5% of the objects, e.g. weekly
