@@ -61,7 +61,8 @@ them), and a later run deletes condemned blocks that are still unreferenced once
 that started before the condemnation has finished. Run it twice, some time apart, e.g. daily.
 While a backup runs on this repository, gc only condemns. Hosts sharing one store (each with its
 own database) share blocks too: a gc that finds versions in the store its database does not know
-deletes nothing; run it where one database knows every version (rebuild-db makes one).
+deletes nothing; run it where one database knows every version (rebuild-db makes one). A
+metadata database that fails SQLite's quick_check is refused: a damaged index can hide versions.
 
 examples:
   backyfs prune --keep-daily 7 --keep-weekly 4 && backyfs gc
@@ -123,7 +124,9 @@ REBUILD_DB = """\
 Rebuild an empty metadata database from the store alone: versions, block maps, labels,
 protection and the index of stored objects are all kept in the store beside the data. Move a
 lost or damaged database aside first; a filled one is refused. A version whose metadata in the
-store is damaged is left out and named (exit code 3); the others are rebuilt.
+store is damaged is left out and named (exit code 3); the others are rebuilt. It refuses to run
+while a backup or overlay commit runs on this repository (that run would write into the database
+moved aside), and a store without backyfs versions (a mistyped bucket, pool or prefix).
 
 examples:
   mv /var/lib/backyfs/backyfs.sqlite /var/lib/backyfs/backyfs.sqlite.broken
