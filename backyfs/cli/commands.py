@@ -223,45 +223,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scrub_versions(repo, args: argparse.Namespace) -> list:
-    if args.all:
-        return [v for v in repo.db.versions() if v.state != "pending"]
-    if not args.version:
-        raise UsageError("name a VERSION or give --all")
-    return [repo.resolve(args.version)]
-
-
-def cmd_scrub(args: argparse.Namespace) -> int:
-    from backyfs.repository.scrub import scrub
-
-    if not 0 < args.percent <= 100:
-        raise UsageError("--percent must be in (0, 100]")
-    repo = _repo(args)
-    versions = _scrub_versions(repo, args)
-    deep = args.command == "deep-scrub"
-    result = scrub(repo, versions, deep=deep, percent=args.percent, threads=load_config(args.config).threads,
-                   progress=Progress(args.command, unit="objects"))
-    for line in result.findings:
-        print(f"backyfs: {line}", file=sys.stderr)
-    for uid in result.invalidated:
-        print(f"backyfs: version {uid} marked invalid", file=sys.stderr)
-    for uid in result.revalidated:
-        print(f"version {uid} is valid again")
-    for uid in result.remirrored:
-        print(f"backyfs: version {uid}: its damaged copy in the store was written again", file=sys.stderr)
-    print(f"{args.command}: checked {result.checked} objects of {len(versions)} version(s), "
-          f"{len(result.bad)} bad")
-    damage = repo.db.damage() if deep else []
-    if damage:
-        raise DataProblem(f"the metadata database {repo.db.path} is damaged ({damage[0]}): move it "
-                          "aside and run 'backyfs rebuild-db'")
-    if result.bad or result.unmirrored:
-        raise DataProblem(f"{args.command} found {len(result.bad)} bad object(s)"
-                          + (f" and {len(result.unmirrored)} version(s) missing from the store"
-                             if result.unmirrored else ""))
-    return 0
-
-
 def _version_row(v) -> dict:
     return {"uid": v.uid, "volume": v.volume, "state": v.state, "size": v.size,
             "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created)),
@@ -437,7 +398,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     add("init", cmd_init, "create the data directory, store and metadata database", helptext.INIT)
     _register_backup(add)
-    _register_restore_and_checks(add)
+    _register_restore(add)
     _register_versions(add)
     from backyfs.cli.housekeeping import register_housekeeping
 
@@ -465,7 +426,7 @@ def _register_backup(add: AddCommand) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a line")
 
 
-def _register_restore_and_checks(add: AddCommand) -> None:
+def _register_restore(add: AddCommand) -> None:
     p = add("restore", cmd_restore, "restore a version to a file, block device or RBD image",
             helptext.RESTORE)
     p.add_argument("version", metavar="VERSION", help=helptext.VERSION)
@@ -475,13 +436,6 @@ def _register_restore_and_checks(add: AddCommand) -> None:
                    help="a block device target already reads as zeros: skip zero blocks")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
-    for name, deep in (("scrub", False), ("deep-scrub", True)):
-        p = add(name, cmd_scrub, "read and hash every object" if deep else
-                "check that every object exists with the right size", helptext.SCRUB)
-        p.add_argument("version", metavar="VERSION", nargs="?", help=helptext.VERSION)
-        p.add_argument("--all", action="store_true", help="every version")
-        p.add_argument("--percent", type=_percent, default=100.0, metavar="P",
-                       help="check a random P%% of the objects (default 100)")
 
 
 def _register_versions(add: AddCommand) -> None:

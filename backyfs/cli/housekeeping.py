@@ -1,4 +1,5 @@
-"""`backyfs gc` and `backyfs prune`: removing what no version needs, and versions no policy keeps."""
+"""`backyfs scrub`, `deep-scrub`, `gc` and `prune`: checking what is stored, removing what no version
+needs, and versions no policy keeps."""
 
 from __future__ import annotations
 
@@ -6,8 +7,56 @@ import argparse
 import sys
 
 from backyfs.cli import helptext
-from backyfs.cli.commands import UsageError, _config_and_repo, _print_json, _repo
+from backyfs.cli.commands import (
+    DataProblem,
+    UsageError,
+    _config_and_repo,
+    _percent,
+    _print_json,
+    _repo,
+    load_config,
+)
+from backyfs.cli.progress import Progress
 from backyfs.errors import NotFound
+
+
+def _scrub_versions(repo, args: argparse.Namespace) -> list:
+    if args.all:
+        return [v for v in repo.db.versions() if v.state != "pending"]
+    if not args.version:
+        raise UsageError("name a VERSION or give --all")
+    return [repo.resolve(args.version)]
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    from backyfs.repository.scrub import scrub
+
+    if not 0 < args.percent <= 100:
+        raise UsageError("--percent must be in (0, 100]")
+    repo = _repo(args)
+    versions = _scrub_versions(repo, args)
+    deep = args.command == "deep-scrub"
+    result = scrub(repo, versions, deep=deep, percent=args.percent, threads=load_config(args.config).threads,
+                   progress=Progress(args.command, unit="objects"))
+    for line in result.findings:
+        print(f"backyfs: {line}", file=sys.stderr)
+    for uid in result.invalidated:
+        print(f"backyfs: version {uid} marked invalid", file=sys.stderr)
+    for uid in result.revalidated:
+        print(f"version {uid} is valid again")
+    for uid in result.remirrored:
+        print(f"backyfs: version {uid}: its damaged copy in the store was written again", file=sys.stderr)
+    print(f"{args.command}: checked {result.checked} objects of {len(versions)} version(s), "
+          f"{len(result.bad)} bad")
+    damage = repo.db.damage() if deep else []
+    if damage:
+        raise DataProblem(f"the metadata database {repo.db.path} is damaged ({damage[0]}): move it "
+                          "aside and run 'backyfs rebuild-db'")
+    if result.bad or result.unmirrored:
+        raise DataProblem(f"{args.command} found {len(result.bad)} bad object(s)"
+                          + (f" and {len(result.unmirrored)} version(s) missing from the store"
+                             if result.unmirrored else ""))
+    return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -69,6 +118,15 @@ def prune_volume(cfg, repo, volume: str, policy, *, dry_run: bool = False, prefi
 
 
 def register_housekeeping(sub: argparse._SubParsersAction) -> None:
+    for name, deep in (("scrub", False), ("deep-scrub", True)):
+        p = sub.add_parser(name, help="read and hash every object" if deep else
+                           "check that every object exists with the right size", description=helptext.SCRUB,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=cmd_scrub)
+        p.add_argument("version", metavar="VERSION", nargs="?", help=helptext.VERSION)
+        p.add_argument("--all", action="store_true", help="every version")
+        p.add_argument("--percent", type=_percent, default=100.0, metavar="P",
+                       help="check a random P%% of the objects (default 100)")
     p = sub.add_parser("gc", help="delete stored blocks no version references (safe during backups)",
                        description=helptext.GC, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=cmd_gc)
