@@ -28,6 +28,7 @@ class FilesystemStore(ObjectStore):
     def __init__(self, root: str, fsync: bool = True) -> None:
         self.root = os.path.abspath(root)
         self.url = f"file:{self.root}"
+        self._versions_dir = os.path.join(self.root, "versions")
         self.fsync = fsync
         self._lock = threading.Lock()
         self._dirty_dirs: set[str] = set()
@@ -205,7 +206,9 @@ class FilesystemStore(ObjectStore):
             for path in files:
                 _fsync_path(path, missing_ok=True)  # deleted since it was written: nothing to keep
             for directory in sorted(dirs, key=len, reverse=True):  # then the names of the objects
-                _fsync_path(directory, missing_ok=False)
+                # Gone may be only a removed version's directory (delete removes it), never a
+                # block directory: that would mean objects were lost.
+                _fsync_path(directory, missing_ok=os.path.dirname(directory) == self._versions_dir)
         except OSError as exc:
             with self._lock:
                 self._dirty_dirs |= dirs  # try them again on the next flush
