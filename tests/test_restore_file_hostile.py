@@ -151,3 +151,75 @@ def test_ls_files_escapes_names_and_lists_around_a_bad_entry(repo_env, tmp_path)
     assert any("badino (unreadable:" in line for line in lines)
     rows = repo_env.ok("ls-files", uid, "/d", "--json").json()
     assert {r["name"] for r in rows} == {"fake\nline", "\x1b[2Jclear", "badino", "good"}
+
+
+def test_a_directory_swapped_for_a_symlink_redirects_nothing(repo_env, tmp_path, monkeypatch):
+    """As root into a directory another user may write to: that user renamed the restore's new
+    directory away and put a symlink to a host directory in its place, and the restore created the
+    rest of the entries there and chmod'ed it to the guest's mode."""
+    from backyfs.fronts.files import Restorer
+
+    def build(src: Path) -> None:
+        (src / "etc").mkdir()
+        for name in ("cron", "passwd"):
+            (src / "etc" / name).write_text(f"guest {name}\n")
+        os.chmod(src / "etc", 0o777)
+
+    uid = _version(repo_env, tmp_path, build)
+    victim = tmp_path / "host-etc"
+    victim.mkdir(mode=0o755)
+    (victim / "passwd").write_text("host passwd\n")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    real = Restorer._children
+
+    def swap_then_list(self, task, fd):  # the attacker wins the race right after the mkdir
+        if task.name == "etc":
+            os.rename(dest / "etc", dest / "moved")
+            os.symlink(victim, dest / "etc")
+        return real(self, task, fd)
+
+    monkeypatch.setattr(Restorer, "_children", swap_then_list)
+    repo_env.call("restore-file", uid, "/etc", dest, "--force")
+    assert sorted(p.name for p in victim.iterdir()) == ["passwd"]
+    assert (victim / "passwd").read_text() == "host passwd\n"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755
+    assert (dest / "moved" / "passwd").read_text() == "guest passwd\n"  # where it was made
+
+
+def test_a_name_listed_twice_for_one_file_keeps_the_file(repo_env, tmp_path):
+    """With --force, the second entry of the same name and inode unlinked the file the first had
+    just restored, then failed to link it: the summary said 1 file, the directory was empty."""
+    def build(src: Path) -> None:
+        (src / "d").mkdir()
+        (src / "d" / "x").write_text("content\n")
+        os.link(src / "d" / "x", src / "d" / "y")
+
+    src_img = tmp_path / "fs.img"
+    src = tmp_path / "guest"
+    src.mkdir()
+    build(src)
+    make_ext(src_img, src, 8 << 20, "ext4", "-O", "^metadata_csum,^dir_index")
+    data = bytearray(src_img.read_bytes())
+    at = data.find(b"y\x00\x00\x00")  # the entry "y" (name_len 1, padded): rename it to "x"
+    while not (data[at - 2] == 1 and data[at - 1] == 1):  # name_len 1, file type 1 (regular)
+        at = data.find(b"y\x00\x00\x00", at + 1)
+    data[at] = ord("x")
+    src_img.write_bytes(bytes(data))
+    uid = repo_env.backup(src_img, "guest")["uid"]
+    out = tmp_path / "out"
+    out.mkdir()
+    for force in ((), ("--force",)):
+        repo_env.run("restore-file", uid, "/d", out, *force)
+        assert (out / "d" / "x").read_text() == "content\n"
+
+
+def test_restore_file_messages_escape_the_guests_names(repo_env, tmp_path):
+    """A skipped FIFO named with an escape sequence reached the terminal raw on stderr."""
+    def build(src: Path) -> None:
+        os.mkfifo(src / "\x1b]2;owned\x07pipe")
+
+    uid = _version(repo_env, tmp_path, build)
+    res = repo_env.run("restore-file", uid, "/", tmp_path / "out")
+    assert res.rc == 0, res.err
+    assert "\x1b" not in res.err and "\\x1b]2;owned\\x07pipe: fifo" in res.err

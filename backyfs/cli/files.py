@@ -96,9 +96,9 @@ def _restore_file(args: argparse.Namespace) -> int:
             inode, dest, into_existing)
     finally:
         service.close()
-    for line in result.skipped:
-        print(f"backyfs: skipped {line}", file=sys.stderr)
-    failed = result.write_errors + result.errors
+    for line in result.skipped:  # names the guest chose: escaped, like ls-files does
+        print(f"backyfs: skipped {_printable(line)}", file=sys.stderr)
+    failed = [_printable(line) for line in result.write_errors + result.errors]
     if failed and not (result.files or result.dirs or result.links):  # nothing at all: one line
         raise (DataProblem if result.errors else BackyfsError)(f"cannot restore {failed[0]}")
     for line in failed:
@@ -177,7 +177,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace existing files, merge into existing dirs")
     p.add_argument("--setuid", action="store_true", help="keep setuid and setgid bits (dropped by default)")
     p.add_argument("--specials", action="store_true",
-                   help="create device nodes and FIFOs (as root; skipped by default)")
+                   help="create device nodes and FIFOs (as root; skipped by default): with the "
+                        "guest's device numbers, owners and modes, e.g. a world-writable 8:0")
 
     p = sub.add_parser("ls-files", help="list a folder of a backed-up ext2/3/4 filesystem",
                        description="List PATH (default /) in VERSION's filesystem: mode, size, mtime, "

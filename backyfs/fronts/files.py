@@ -7,6 +7,7 @@ Nothing is mounted and nothing needs privileges: the version is read through the
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -91,6 +92,19 @@ class RestoreResult:
 
 
 SETID = stat.S_ISUID | stat.S_ISGID
+MAX_LINK_SOURCES = 1024  # files with more names kept open to link them; past that, copies
+
+
+@dataclass
+class _Task:
+    """One entry to restore: NAME in the directory open as DIR_FD. A directory's entries all done,
+    it comes back with own_fd set, to get its owner, mode and times."""
+    inode: Inode
+    dir_fd: int
+    name: str
+    shown: str  # the path, for messages
+    own_fd: int | None = None
+    created: bool = False
 
 
 class Restorer:
@@ -98,11 +112,13 @@ class Restorer:
     destination that cannot be written) are recorded and the rest is still restored; a file that
     could not be copied whole is removed, never left looking complete.
 
-    The guest wrote the filesystem and is not trusted, and this may run as root: nothing is written
-    through an existing entry (--force replaces files and symlinks, never writes into them: one could
-    be a device node or a hard link to a host file); device nodes, FIFOs and sockets are created only
-    with specials=True, setuid/setgid bits are kept only with setuid=True; directories that existed
-    keep their own owner, mode and times; a file with several names is copied once and linked."""
+    The guest wrote the filesystem and is not trusted, and this may run as root, into a directory
+    other users may write to. So every entry is made relative to its directory's open descriptor
+    (no path is resolved again, so a directory swapped for a symlink meanwhile redirects nothing);
+    nothing is written through an existing entry (--force replaces files and symlinks, never writes
+    into them); device nodes and FIFOs only with specials=True, setuid/setgid bits only with
+    setuid=True; directories that existed keep their owner, mode and times; a file with several
+    names is copied once and linked."""
 
     def __init__(self, fs: ExtFS, force: bool = False, *, specials: bool = False,
                  setuid: bool = False) -> None:
@@ -111,67 +127,108 @@ class Restorer:
         self.result = RestoreResult()
         self.top: str | None = None
         self.dirs_seen: set[int] = set()  # ext4 has no directory hard links: a repeat is a loop
-        self.files_done: dict[int, str] = {}  # inode -> where its first name was restored
+        self.link_sources: dict[int, tuple[int, int]] = {}  # inode -> (open fd, names still to come)
 
     def restore(self, inode: Inode, dest: str, into_existing: bool = False) -> RestoreResult:
         """Copy INODE to DEST; into_existing: DEST is an existing directory to fill (the root).
         Iterative, not recursive: a valid but deep tree must not exhaust Python's stack."""
+        dest = os.path.abspath(dest)
+        parent, name = os.path.split(dest)
         self.top = dest if into_existing else None
-        stack: list[tuple[Inode, str, bool | None]] = [(inode, dest, None)]
-        while stack:
-            node, path, created = stack.pop()
-            if created is not None:  # every entry of this directory is done
-                self._guarded(path, self._finish_dir, node, path, created)
-            elif node.is_dir:
-                self._guarded(path, self._enter_dir, node, path, stack)
-            else:
-                self._guarded(path, self._dispatch, node, path)
+        _more_descriptors()  # one per directory level, and per file with several names
+        top_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        stack = [_Task(inode, top_fd, name or ".", dest)]
+        try:
+            while stack:
+                task = stack.pop()
+                if task.own_fd is not None:
+                    try:
+                        self._guarded(task.shown, self._finish_dir, task)
+                    finally:
+                        os.close(task.own_fd)
+                elif task.inode.is_dir:
+                    self._guarded(task.shown, self._enter_dir, task, stack)
+                else:
+                    self._guarded(task.shown, self._dispatch, task)
+        finally:
+            for task in stack:
+                if task.own_fd is not None:
+                    os.close(task.own_fd)
+            for fd, _left in self.link_sources.values():
+                os.close(fd)
+            os.close(top_fd)
         return self.result
 
-    def _guarded(self, dest: str, func, *args) -> None:
+    def _guarded(self, shown: str, func, *args) -> None:
         try:
             with corrupt_is_exterror():
                 func(*args)
         except OSError as exc:
-            self.result.write_errors.append(f"{dest}: {exc.strerror or exc}")
+            self.result.write_errors.append(f"{shown}: {exc.strerror or exc}")
         except BackyfsError as exc:
-            self.result.errors.append(f"{dest}: {exc}")
+            self.result.errors.append(f"{shown}: {exc}")
 
-    def _dispatch(self, inode: Inode, dest: str) -> None:
-        if inode.is_reg:
-            self._file(inode, dest)
-        elif inode.is_link:
-            self._link(inode, dest)
+    def _dispatch(self, task: _Task) -> None:
+        if task.inode.is_reg:
+            self._file(task)
+        elif task.inode.is_link:
+            self._link(task)
         else:
-            self._special(inode, dest)
+            self._special(task)
 
-    def _make_room(self, dest: str) -> None:
-        """With --force, remove what is at dest (not a directory) so a new entry is made there."""
-        if self.force and os.path.lexists(dest) and not (os.path.isdir(dest) and not os.path.islink(dest)):
-            os.unlink(dest)
+    def _existing(self, task: _Task) -> os.stat_result | None:
+        try:
+            return os.stat(task.name, dir_fd=task.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
 
-    def _file(self, inode: Inode, dest: str) -> None:
-        self._make_room(dest)
-        first = self.files_done.get(inode.ino)
-        if first is not None:
-            os.link(first, dest)
-            self.result.hard_links += 1
+    def _make_room(self, task: _Task) -> None:
+        """With --force, remove what is at the entry's name (not a directory) to make a new one."""
+        st = self._existing(task) if self.force else None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            os.unlink(task.name, dir_fd=task.dir_fd)
+
+    def _file(self, task: _Task) -> None:
+        inode = task.inode
+        if inode.ino in self.link_sources:
+            self._hard_link(task)
             return
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self._make_room(task)
+        fd = os.open(task.name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=task.dir_fd)
+        keep = False
         try:
             written = self._copy(inode, fd)
-            self._owner(dest, inode, fd)
+            self._owner(inode, fd=fd)
             os.fchmod(fd, self._mode(inode))
             os.utime(fd, ns=(inode.atime_ns, inode.mtime_ns))
+            names = _links_count(inode)
+            keep = names > 1 and len(self.link_sources) < MAX_LINK_SOURCES
+            if keep:  # linked by descriptor later: the very file written, wherever its name went
+                self.link_sources[inode.ino] = (fd, names - 1)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(dest)  # a partial copy must not pass for the file
+                os.unlink(task.name, dir_fd=task.dir_fd)  # a partial copy must not pass for the file
             raise
         finally:
-            os.close(fd)
-        self.files_done[inode.ino] = dest
+            if not keep:
+                os.close(fd)
         self.result.bytes += written
         self.result.files += 1
+
+    def _hard_link(self, task: _Task) -> None:
+        fd, left = self.link_sources[task.inode.ino]
+        st, mine = self._existing(task), os.fstat(fd)
+        if st is not None and (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+            return  # the same name listed twice: it is there already
+        self._make_room(task)
+        os.link(f"/proc/self/fd/{fd}", task.name, dst_dir_fd=task.dir_fd)
+        self.result.hard_links += 1
+        if left <= 1:  # its last name: no need to keep it open
+            del self.link_sources[task.inode.ino]
+            os.close(fd)
+        else:
+            self.link_sources[task.inode.ino] = (fd, left - 1)
 
     def _mode(self, inode: Inode) -> int:
         mode = stat.S_IMODE(inode.mode)
@@ -191,68 +248,104 @@ class Restorer:
         os.ftruncate(fd, inode.size)  # the tail and holes stay sparse
         return written
 
-    def _enter_dir(self, inode: Inode, dest: str, stack: list) -> None:
+    def _enter_dir(self, task: _Task, stack: list[_Task]) -> None:
+        inode = task.inode
         if inode.ino in self.dirs_seen:  # a damaged or hostile image: it would recurse forever
-            self.result.errors.append(f"{dest}: directory loop (inode {inode.ino} again)")
+            self.result.errors.append(f"{task.shown}: directory loop (inode {inode.ino} again)")
             return
         self.dirs_seen.add(inode.ino)
         created = True
         try:
-            os.mkdir(dest, 0o700)
+            os.mkdir(task.name, 0o700, dir_fd=task.dir_fd)
         except FileExistsError:
-            if not ((self.force or dest == self.top) and os.path.isdir(dest) and not os.path.islink(dest)):
+            st = self._existing(task)
+            if not (st and stat.S_ISDIR(st.st_mode) and (self.force or task.shown == self.top)):
                 raise
             created = False  # the operator's directory: its owner, mode and times stay theirs
+        fd = os.open(task.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=task.dir_fd)
+        try:
+            if created and os.fstat(fd).st_uid != os.geteuid():  # swapped for another's meanwhile
+                raise OSError(errno.EEXIST, "replaced by another directory while restoring")
+            children = self._children(task, fd)
+        except BaseException:
+            os.close(fd)
+            raise
         self.result.dirs += 1
-        children = []
-        for raw, ino in sorted(self.fs.listdir(inode)):
-            name = safe_name(raw)
-            if name is None:
-                self.result.skipped.append(f"{dest}/{raw!r}: unsafe name")
-                continue
-            try:
-                children.append((self.fs.inode(ino), os.path.join(dest, name), None))
-            except ExtError as exc:
-                self.result.errors.append(f"{dest}/{name}: {exc}")
-        stack.append((inode, dest, created))  # finished after its entries (popped last)
+        stack.append(_Task(inode, task.dir_fd, task.name, task.shown, fd, created))  # after its entries
         stack.extend(reversed(children))
 
-    def _finish_dir(self, inode: Inode, dest: str, created: bool) -> None:
-        if not created:
-            return
-        self._owner(dest, inode)
-        mode = stat.S_IMODE(inode.mode)
-        os.chmod(dest, mode if self.setuid else mode & ~SETID)
-        os.utime(dest, ns=(inode.atime_ns, inode.mtime_ns))  # after its entries were written
+    def _children(self, task: _Task, fd: int) -> list[_Task]:
+        children = []
+        for raw, ino in sorted(self.fs.listdir(task.inode)):
+            name = safe_name(raw)
+            shown = f"{task.shown}/{os.fsdecode(raw)}"
+            if name is None:
+                self.result.skipped.append(f"{shown}: unsafe name")
+                continue
+            try:
+                children.append(_Task(self.fs.inode(ino), fd, name, shown))
+            except ExtError as exc:
+                self.result.errors.append(f"{shown}: {exc}")
+        return children
 
-    def _link(self, inode: Inode, dest: str) -> None:
-        target = self.fs.readlink(inode)
-        self._make_room(dest)
-        os.symlink(target, os.fsencode(dest))
-        self._owner(dest, inode)
-        os.utime(dest, ns=(inode.atime_ns, inode.mtime_ns), follow_symlinks=False)
+    def _finish_dir(self, task: _Task) -> None:
+        if not task.created:
+            return
+        self._owner(task.inode, fd=task.own_fd)
+        mode = stat.S_IMODE(task.inode.mode)
+        os.fchmod(task.own_fd, mode if self.setuid else mode & ~SETID)
+        os.utime(task.own_fd, ns=(task.inode.atime_ns, task.inode.mtime_ns))  # after its entries
+
+    def _link(self, task: _Task) -> None:
+        target = self.fs.readlink(task.inode)
+        self._make_room(task)
+        os.symlink(target, task.name, dir_fd=task.dir_fd)
+        self._owner(task.inode, task=task)
+        os.utime(task.name, ns=(task.inode.atime_ns, task.inode.mtime_ns), dir_fd=task.dir_fd,
+                 follow_symlinks=False)
         self.result.links += 1
 
-    def _special(self, inode: Inode, dest: str) -> None:
+    def _special(self, task: _Task) -> None:
+        inode = task.inode
         kind = stat.S_IFMT(inode.mode)
         if not self.specials or not self.as_root or kind == stat.S_IFSOCK:
             why = "--specials creates them, as root" if kind != stat.S_IFSOCK else "not restorable"
-            self.result.skipped.append(f"{dest}: {_type_name(inode.mode)} ({why})")
+            self.result.skipped.append(f"{task.shown}: {_type_name(inode.mode)} ({why})")
             return
-        self._make_room(dest)
-        is_device = kind in (stat.S_IFCHR, stat.S_IFBLK)
-        os.mknod(dest, kind | 0o600, os.makedev(*_device_numbers(inode)) if is_device else 0)
-        self._owner(dest, inode)
-        os.chmod(dest, self._mode(inode))  # mknod's mode goes through the umask
-        os.utime(dest, ns=(inode.atime_ns, inode.mtime_ns), follow_symlinks=False)
+        self._make_room(task)
+        device = os.makedev(*_device_numbers(inode)) if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        umask = os.umask(0)  # the mode as the guest had it (setuid dropped), not narrowed by the umask
+        try:
+            os.mknod(task.name, kind | self._mode(inode), device, dir_fd=task.dir_fd)
+        finally:
+            os.umask(umask)
+        self._owner(inode, task=task)
+        os.utime(task.name, ns=(inode.atime_ns, inode.mtime_ns), dir_fd=task.dir_fd, follow_symlinks=False)
 
-    def _owner(self, dest: str, inode: Inode, fd: int | None = None) -> None:
+    def _owner(self, inode: Inode, *, fd: int | None = None, task: _Task | None = None) -> None:
         if not self.as_root:
             return  # an ordinary user keeps the files as their own
         if fd is not None:
             os.fchown(fd, inode.uid, inode.gid)
-        else:
-            os.lchown(dest, inode.uid, inode.gid)
+        elif task is not None:  # never through a symlink: lchown
+            os.chown(task.name, inode.uid, inode.gid, dir_fd=task.dir_fd, follow_symlinks=False)
+
+
+def _links_count(inode: Inode) -> int:
+    return int.from_bytes(inode.raw[0x1A:0x1C], "little")
+
+
+def _more_descriptors() -> None:
+    """Raise the soft limit of open files to the hard one (up to 65536): a restore keeps one
+    descriptor per directory level, and one per file whose other names are still to come."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def _device_numbers(inode: Inode) -> tuple[int, int]:
