@@ -187,3 +187,59 @@ def test_a_valid_backup_removes_the_volumes_dead_pending_versions(repo_env: Repo
     repo_env.backup(img, "vm")  # not --full: it cannot resume the --full run's version
     states = [(v["volume"], v["state"]) for v in repo_env.versions()]
     assert ("vm", "pending") not in states and ("other", "pending") in states  # only its own volume
+
+
+def test_a_writable_export_made_while_prune_runs_orphans_nothing(repo_env: RepoEnv, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """prune checked for overlays once, then removed versions: a VM connecting meanwhile made an
+    overlay on a version prune then removed (and after gc its reads failed)."""
+    import subprocess
+    import sys
+
+    import backyfs.export.overlay as overlay_module
+
+    img = write_image(tmp_path / "img", ["rand"])
+    old = repo_env.backup(img, "vm")["uid"]
+    repo_env.backup(img, "vm", "--full")
+    opener = ("import sys; from backyfs.config import load_config; from backyfs.export.service import "
+              "ExportService; s = ExportService(load_config()); d = s.open(sys.argv[1], writable=True); "
+              "d.pwrite(b'x', 0); d.close(); s.close()")
+    real, started = overlay_module.list_overlays, []
+
+    def list_overlays(root):
+        listing = real(root)
+        if not started:  # a client connects right after prune looked
+            started.append(subprocess.Popen([sys.executable, "-c", opener, old], env=repo_env.env,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            time.sleep(1.0)
+        return listing
+
+    with monkeypatch.context() as patch:
+        patch.setattr(overlay_module, "list_overlays", list_overlays)
+        repo_env.ok("prune", "--keep-last", "1")
+    _, err = started[0].communicate(timeout=60)
+    remaining = [v["uid"] for v in repo_env.versions()]
+    overlays = repo_env.ok("overlay", "ls").out
+    if old in remaining:
+        assert started[0].returncode == 0
+    else:  # the export waited for the prune and found its version gone: no orphaned overlay
+        assert started[0].returncode != 0 and "unknown version" in err, err
+        assert old not in overlays
+
+
+def test_rebuild_db_waits_for_a_backup_still_taking_its_snapshot(repo_env: RepoEnv, tmp_path: Path) -> None:
+    """A backup holds only its volume's lock while it snapshots (and runs its hooks); rebuild-db
+    missed it, and a refused rebuild-db left an empty database that looked like the repository."""
+    from backyfs.repository.repo import lock_volume
+
+    repo_env.backup(write_image(tmp_path / "a.img", ["rand"]), "vm")
+    held = lock_volume(str(repo_env.db_path), "vm")
+    try:
+        repo_env.db_path.rename(tmp_path / "aside.sqlite")
+        res = repo_env.run("rebuild-db")
+        assert res.rc == 1 and "a backup of volume vm is running" in res.err, res.err
+        assert not repo_env.db_path.exists()
+    finally:
+        held.close()
+    repo_env.ok("rebuild-db")
+    assert [v["volume"] for v in repo_env.versions()] == ["vm"]

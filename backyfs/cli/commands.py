@@ -291,16 +291,17 @@ def cmd_rm(args: argparse.Namespace) -> int:
     version = repo.resolve(args.version)
     if version.uid != args.version and not args.version.startswith(version.uid[:4]):
         raise BackyfsError(f"rm needs a version uid, not a volume name ({args.version!r})")
-    # An overlay holds writes made on top of this version: they would be left with nothing under them.
-    overlays = [o.name for o in list_overlays(cfg.overlay_dir) if o.version_uid == version.uid]
-    if overlays and not args.force:
-        raise StateError(f"version {version.uid} has overlays ({', '.join(overlays)}): commit or "
-                         "discard them first (backyfs overlay), or rm --force to discard them too")
-    repo.db.check_deletable(version.uid, force=args.force)
-    for name in overlays:
-        discard_overlay(cfg.overlay_dir, version.uid, name)  # refused while a server uses it
-        print(f"discarded overlay {name} of version {version.uid}")
-    repo.delete_version(version, force=args.force)
+    with repo.versions_lock():  # a writable export makes its overlay under it: not in between
+        # An overlay holds writes made on top of this version: they would be left with nothing under.
+        overlays = [o.name for o in list_overlays(cfg.overlay_dir) if o.version_uid == version.uid]
+        if overlays and not args.force:
+            raise StateError(f"version {version.uid} has overlays ({', '.join(overlays)}): commit or "
+                             "discard them first (backyfs overlay), or rm --force to discard them too")
+        repo.db.check_deletable(version.uid, force=args.force)
+        for name in overlays:
+            discard_overlay(cfg.overlay_dir, version.uid, name)  # refused while a server uses it
+            print(f"discarded overlay {name} of version {version.uid}")
+        repo.delete_version(version, force=args.force)
     print(f"removed version {version.uid} of {version.volume}")
     return 0
 
@@ -340,29 +341,52 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_rebuild_db(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     had_db = os.path.exists(cfg.db_path)
+    _refuse_while_backups_run(cfg.db_path)
     repo = open_repository(cfg)
-    if repo.db.versions():
-        raise BackyfsError(f"{repo.db.path} is not empty; move it aside to rebuild it from the store")
-    with repo.activity_lock(exclusive=True) as alone:
-        if not alone:  # it writes to the database moved aside: its version would be missed
-            raise BackyfsError("a backup or overlay commit is running on this repository: run "
-                               "rebuild-db when none is")
-        result = repo.rebuild_db()
-    if not result["versions"] and not result["damaged"]:
-        # A mistyped bucket, pool or prefix: no empty repository that looks rebuilt, and no index
-        # of another program's objects that gc would then delete.
+    try:
+        if repo.db.versions():
+            raise BackyfsError(f"{repo.db.path} is not empty; move it aside to rebuild it from the store")
+        with repo.activity_lock(exclusive=True) as alone:
+            if not alone:  # it writes to the database moved aside: its version would be missed
+                raise BackyfsError("a backup or overlay commit is running on this repository: run "
+                                   "rebuild-db when none is")
+            result = repo.rebuild_db()
+        if not result["versions"] and not result["damaged"]:
+            # A mistyped bucket, pool or prefix: no empty repository that looks rebuilt, and no index
+            # of another program's objects that gc would then delete.
+            others = f" ({result['objects']} objects named like blocks)" if result["objects"] else ""
+            raise BackyfsError(f"the store {repo.store.url} holds no backyfs versions{others}: check "
+                               "[store] in the config; nothing was rebuilt")
+    except BaseException:
         repo.close()
-        if not had_db:
+        if not had_db:  # refused: no new, empty database that looks like a repository
             for suffix in ("", "-wal", "-shm", "-journal"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(cfg.db_path + suffix)
-        others = f" ({result['objects']} objects named like blocks)" if result["objects"] else ""
-        raise BackyfsError(f"the store {repo.store.url} holds no backyfs versions{others}: check [store] "
-                           "in the config; nothing was rebuilt")
+        raise
     print(f"rebuilt {repo.db.path}: {result['versions']} versions, {result['objects']} objects")
     if result["damaged"]:
         raise DataProblem(f"{len(result['damaged'])} damaged version(s): " + "; ".join(result["damaged"]))
     return 0
+
+
+def _refuse_while_backups_run(db_path: str) -> None:
+    """A backup holds its volume's lock from before its snapshot on (the activity lock only once it
+    writes): one running now would put its version in the database moved aside."""
+    import fcntl
+
+    lock_dir = os.path.join(os.path.dirname(os.path.abspath(db_path)), "locks")
+    try:
+        names = sorted(n for n in os.listdir(lock_dir) if n.endswith(".lock") and not n.startswith("."))
+    except FileNotFoundError:
+        return
+    for name in names:
+        with open(os.path.join(lock_dir, name)) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BackyfsError(f"a backup of volume {name[:-5]} is running on this repository: run "
+                                   "rebuild-db when none is") from None
 
 
 def _number(text: str) -> float:

@@ -17,7 +17,7 @@ from backyfs.cli.commands import (
     load_config,
 )
 from backyfs.cli.progress import Progress
-from backyfs.errors import NotFound
+from backyfs.errors import NotFound, StateError
 
 
 def _scrub_versions(repo, args: argparse.Namespace) -> list:
@@ -103,17 +103,20 @@ def prune_volume(cfg, repo, volume: str, policy, *, dry_run: bool = False, prefi
     from backyfs.export.overlay import list_overlays
     from backyfs.repository.retention import versions_to_remove
 
-    overlaid = {o.version_uid for o in list_overlays(cfg.overlay_dir)}
     for version in versions_to_remove(repo.db.versions(volume=volume), policy):
-        if version.uid in overlaid:
-            print(f"{prefix}kept {version.uid} of {volume}: it has overlays (commit or discard them, "
-                  "backyfs overlay ls)", file=sys.stderr)
-            continue
-        if not dry_run:
-            try:
-                repo.delete_version(version)
-            except NotFound:
+        with repo.versions_lock():  # a writable export makes its overlay under it: not in between
+            if any(o.version_uid == version.uid for o in list_overlays(cfg.overlay_dir)):
+                print(f"{prefix}kept {version.uid} of {volume}: it has overlays (commit or discard "
+                      "them, backyfs overlay ls)", file=sys.stderr)
                 continue
+            if not dry_run:
+                try:
+                    repo.delete_version(version)
+                except NotFound:  # removed meanwhile (another prune)
+                    continue
+                except StateError as exc:  # protected meanwhile: kept, and the others go on
+                    print(f"{prefix}kept {version.uid} of {volume}: {exc}", file=sys.stderr)
+                    continue
         print(f"{prefix}{'would remove' if dry_run else 'removed'} {version.uid} of {volume}")
 
 

@@ -76,7 +76,12 @@ class ExportService:
         with self.lock:
             overlay, users = self.overlays.get((version.uid, name), (None, 0))
             if overlay is None:
-                overlay = Overlay(self.cfg.overlay_dir, version.uid, name, version.size, version.block_size)
+                # Under the repository's versions lock, with the version checked again: rm and prune
+                # check for overlays under it, so the version cannot go while its overlay is made.
+                with self.repo.versions_lock():
+                    self.repo.db.get_version(version.uid)
+                    overlay = Overlay(self.cfg.overlay_dir, version.uid, name, version.size,
+                                      version.block_size)
             self.overlays[(version.uid, name)] = (overlay, users + 1)
             return overlay
 

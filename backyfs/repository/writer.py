@@ -151,7 +151,9 @@ class BackupWriter:
         run can resume any more (one resumes only on the parent it started from, which is now
         older than this version). Nothing else writes them: this run holds the volume's lock."""
         for pending in self.repo.db.versions(volume=self.volume, state="pending"):
-            if pending.uid != made.uid and pending.created < made.created:
+            # A killed overlay commit's is kept: it is resumed by the commit run again.
+            if pending.uid != made.uid and pending.created < made.created \
+                    and not pending.labels.get(COMMIT_LABEL):
                 try:
                     self.repo.delete_version(pending)
                     log.debug("removed the dead pending version %s", pending.uid)
