@@ -63,7 +63,7 @@ def test_rebuild_db_waits_for_running_backups(repo_env: RepoEnv, tmp_path: Path)
         time.sleep(0.05)
     repo_env.db_path.rename(tmp_path / "aside.sqlite")
     res = repo_env.run("rebuild-db")
-    assert res.rc == 1 and "a backup or overlay commit is running" in res.err, res.err
+    assert res.rc == 1 and "a backup of volume b is running" in res.err, res.err
     slow.communicate(timeout=60)  # (its database was moved away under it: it may well fail)
     repo_env.db_path.unlink()
     repo_env.ok("rebuild-db")  # with no backup running
