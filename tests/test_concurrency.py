@@ -64,8 +64,9 @@ def test_rebuild_db_waits_for_running_backups(repo_env: RepoEnv, tmp_path: Path)
     repo_env.db_path.rename(tmp_path / "aside.sqlite")
     res = repo_env.run("rebuild-db")
     assert res.rc == 1 and "a backup of volume b is running" in res.err, res.err
+    assert not repo_env.db_path.exists()  # refused: no new empty database left behind
     slow.communicate(timeout=60)  # (its database was moved away under it: it may well fail)
-    repo_env.db_path.unlink()
+    repo_env.db_path.unlink(missing_ok=True)
     repo_env.ok("rebuild-db")  # with no backup running
     assert "a" in {v["volume"] for v in repo_env.versions()}
 
