@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 import tracemalloc
+from array import array
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,22 @@ def test_impossible_superblock_fields_are_one_line(tmp_path, offset, fmt, value)
         open_fs(image)
 
 
+def test_a_filesystem_larger_than_its_partition_is_corrupt(tmp_path):
+    """The kernel refuses it; a guest claiming more blocks than it has makes room for files that map
+    its few real blocks many times."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    image = make_ext(tmp_path / "fs.img", src, 4 << 20, "ext4", "-b", "4096")
+    with open(image, "r+b") as f:  # a partition larger than its filesystem is fine
+        f.truncate(5 << 20)
+    assert open_fs(image).lookup("/f").size == 1
+    patch(image, 1024 + 4, struct.pack("<I", (5 << 20) // 4096 + 1))  # s_blocks_count_lo
+    with pytest.raises(ExtError, match="corrupt superblock: 1281 blocks of 4096 bytes are more than the "
+                                       "5242880 bytes of the partition"):
+        open_fs(image)
+
+
 # --- file sizes and block maps ------------------------------------------------------------------
 def small_ext4(tmp_path: Path, *opts: str, size: int = 8 << 20) -> Path:
     src = tmp_path / "src"
@@ -149,6 +166,39 @@ def test_overlapping_extents_are_corrupt_and_extents_are_clipped_to_the_size(tmp
         list(fs.ranges(fs.lookup("/f")))
 
 
+def test_a_file_mapping_more_blocks_than_the_filesystem_is_corrupt(tmp_path):
+    """A leaf of extents all mapping the same blocks: a 16 MiB image made a 5.3 GiB file (and one
+    more tree level the 16 TiB maximum)."""
+    image = small_ext4(tmp_path)  # 2048 blocks
+    at = inode_at(image, "/f")
+    fs = open_fs(image)
+    assert fs.blocks_count == 2048 and fs.mapped_blocks(fs.lookup("/f")) == 1
+    leaf_at, data = 1500, 1600
+
+    def leaf(n: int) -> None:
+        body = struct.pack("<HHHHI", 0xF30A, n, 340, 0, 0)
+        body += b"".join(struct.pack("<IHHI", i * 32, 32, 0, data) for i in range(n))
+        patch(image, leaf_at * 4096, body)
+        patch(image, at + 0x28, struct.pack("<HHHHI", 0xF30A, 1, 4, 1, 0)
+              + struct.pack("<IIHH", 0, leaf_at, 0, 0) + bytes(36))
+        set_size(image, at, 340 * 32 * 4096)
+
+    leaf(64)  # 2048 blocks: as many as the filesystem has
+    fs = open_fs(image)
+    assert fs.mapped_blocks(fs.lookup("/f")) == 2048
+    assert sum(len(d) for _o, d in fs.ranges(fs.lookup("/f"))) == 2048 * 4096
+    leaf(340)  # 10,880 blocks
+    fs = open_fs(image)
+    for count in (fs.mapped_blocks, lambda inode: sum(len(d) for _o, d in fs.ranges(inode))):
+        with pytest.raises(ExtError, match="inode 14: the block map names more blocks than the "
+                                           "filesystem's 2048"):
+            count(fs.lookup("/f"))
+    result = Restorer(fs).restore(fs.inode(2), str(tmp_path / "out"))
+    assert len(result.errors) == 1 and "more blocks than the filesystem's" in result.errors[0], result.errors
+    assert not (tmp_path / "out" / "f").exists()  # (a partial copy is removed)
+    assert (tmp_path / "out" / "d" / "keep").read_text() == "kept\n"
+
+
 def test_an_extent_node_of_the_wrong_depth_is_corrupt(tmp_path):
     image = small_ext4(tmp_path)
     at = inode_at(image, "/f")
@@ -162,18 +212,20 @@ def test_an_extent_node_of_the_wrong_depth_is_corrupt(tmp_path):
 
 
 def test_a_map_of_millions_of_runs_is_streamed(tmp_path):
-    """Indirect blocks, each of 1024 pointers to the same data block: the map once became one list
-    of Run objects (12.3 million, 1.9 GB, for 12,000 such blocks)."""
+    """Indirect blocks of 1024 pointers each: the map once became one list of Run objects (12.3
+    million, 1.9 GB, for 12,000 such blocks). Every other block, so that no two runs join; a sparse
+    1 GiB filesystem, as a file cannot have more blocks than its filesystem."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"B" * 5000)
-    image = make_ext(tmp_path / "fs.img", src, 16 << 20, "ext2", "-b", "4096")
+    image = make_ext(tmp_path / "fs.img", src, 1 << 30, "ext2", "-b", "4096", "-N", "64")
     at, leaves, free = inode_at(image, "/f"), 100, 2048
     patch(image, at + 0x28, struct.pack("<15I", *[0] * 14, free))  # a triple-indirect tree only
     set_size(image, at, 1 << 40)
     patch(image, free * 4096, struct.pack("<I", free + 1))
     patch(image, (free + 1) * 4096, b"".join(struct.pack("<I", free + 2 + i) for i in range(leaves)))
-    patch(image, (free + 2) * 4096, struct.pack("<I", 100) * 1024 * leaves)
+    data = free + 2 + leaves
+    patch(image, (free + 2) * 4096, array("I", range(data, data + 2 * 1024 * leaves, 2)).tobytes())
     fs = open_fs(image)
     inode = fs.lookup("/f")
     tracemalloc.start()

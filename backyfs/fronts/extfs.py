@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from backyfs.errors import BackyfsError
-from backyfs.fronts.extmaps import BlockMaps
+from backyfs.fronts.extmaps import FL_INLINE_DATA, BlockMaps
 from backyfs.fronts.extmaps import Run as Run  # (re-exported)
 
 Pread = Callable[[int, int], bytes]
@@ -31,8 +31,6 @@ COMPAT_HAS_JOURNAL = 0x4
 INCOMPAT_COMPRESSION, INCOMPAT_FILETYPE, INCOMPAT_RECOVER, INCOMPAT_JOURNAL_DEV = 0x1, 0x2, 0x4, 0x8
 INCOMPAT_META_BG, INCOMPAT_64BIT, INCOMPAT_DIRDATA, INCOMPAT_LARGEDIR = 0x10, 0x80, 0x1000, 0x4000
 RO_COMPAT_SPARSE_SUPER = 0x1
-# inode flags
-FL_INLINE_DATA = 0x10000000
 _XATTR_MAGIC = 0xEA020000
 _MAX_SYMLINKS = 40
 _MAX_LINK_BYTES = 4096  # PATH_MAX: what the kernel allows a symlink target
@@ -134,6 +132,9 @@ class ExtFS(BlockMaps):
         if not 32 <= self.desc_size <= 1024 or not _power_of_two(self.desc_size):
             raise ExtError(f"corrupt superblock: group descriptor size {self.desc_size}")
         self.blocks_count = blocks_lo | (struct.unpack_from("<I", sb, 0x150)[0] << 32 if wide else 0)
+        if self.blocks_count * bs > self.size:  # the kernel refuses to mount such a filesystem
+            raise ExtError(f"corrupt superblock: {self.blocks_count} blocks of {bs} bytes are more than "
+                           f"the {self.size} bytes of the partition (or the partition is truncated)")
         self.first_meta_bg = struct.unpack_from("<I", sb, 0x104)[0]
         if not 0 < self.inodes_per_group <= 8 * bs or not self.blocks_per_group:
             raise ExtError(f"corrupt superblock: {self.blocks_per_group} blocks and "

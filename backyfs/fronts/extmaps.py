@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from backyfs.fronts.extfs import Inode
 
 EXTENT_MAGIC = 0xF30A
-FL_ENCRYPT, FL_EXTENTS = 0x800, 0x80000  # inode flags
+FL_ENCRYPT, FL_EXTENTS, FL_INLINE_DATA = 0x800, 0x80000, 0x10000000  # inode flags
 _MAX_EXTENT_LEVELS = 8  # the kernel allows 5; kept at 8, as tests build deeper trees to attack
 _MAX_LISTED_RUNS = 1 << 20  # runs() as a list: ranges() and iter_runs() stream any number
 
@@ -66,13 +66,28 @@ class BlockMaps:
             found = self._extent_runs(inode.raw[0x28:0x64], None, 0, nblocks, seen)
         else:
             found = _coalesce(self._indirect_runs(inode.raw[0x28:0x64], nblocks, seen))
-        end = 0
+        end = total = 0
         for run in found:
             if run.lblk < end:  # an extent over an earlier one, or out of order: not a sound map
                 raise _error(f"inode {inode.ino}: corrupt block map (block {run.lblk} mapped twice)")
             if run.lblk < nblocks and run.count:  # (the walk goes on: a reused tree block is an error)
                 end = run.lblk + run.count
+                # No sound ext filesystem maps a block twice (no reflinks), so no file has more blocks
+                # than the filesystem: extents all naming the same blocks made GiBs from a 16 MiB image.
+                total += min(end, nblocks) - run.lblk
+                if total > self.blocks_count:
+                    raise _error(f"inode {inode.ino}: the block map names more blocks than the "
+                                 f"filesystem's {self.blocks_count} (blocks mapped many times: corrupt)")
                 yield run if end <= nblocks else Run(run.lblk, run.pblk, nblocks - run.lblk, run.initialized)
+
+    def mapped_blocks(self, inode: Inode) -> int:
+        """How many blocks of data ranges() reads for INODE (its initialized runs; 0 for inline
+        data), with the same checks (ExtError). Distinct inodes of a sound filesystem share no block,
+        so over all the files of one restore (each inode counted once) the sum is at most
+        blocks_count: a restorer can keep that total to refuse a guest's blocks mapped many times."""
+        if inode.flags & FL_INLINE_DATA:
+            return 0
+        return sum(run.count for run in self.iter_runs(inode) if run.initialized)
 
     def _tree_block(self, pblk: int, seen: set[int]) -> bytes:
         if pblk in seen:
