@@ -240,14 +240,25 @@ def test_a_map_of_millions_of_runs_is_streamed(tmp_path):
 
 # --- directories and lookup ---------------------------------------------------------------------
 def test_a_huge_sparse_directory_is_read_block_by_block(tmp_path):
-    """The root's i_size set to 1 GiB - 1, the rest a hole: each listdir allocated 2 GB."""
+    """The root's i_size set to 1 GiB - 1, the rest a hole: each listdir allocated 2 GB. Now 64 MiB
+    at most (with 48 MiB to spare, whole it would not fit)."""
     image = small_ext4(tmp_path)
-    set_size(image, inode_at(image, "<2>"), (1 << 30) - 1)
+    set_size(image, inode_at(image, "<2>"), (64 << 20) - 1)
     started = time.monotonic()
     out = isolated(image, "result = sorted(n.decode() for n, _ in fs.listdir(fs.inode(2))), "
-                   "fs.lookup('/d/keep').size")
+                   "fs.lookup('/d/keep').size", headroom=48 << 20)
     assert out == "OK (['d', 'f', 'lost+found'], 5)"
     assert time.monotonic() - started < 5
+
+
+def test_a_directory_over_64_mib_is_refused(tmp_path):
+    """Entries of 12 bytes: 1 GiB was 89 million of them (and Python objects of many GB)."""
+    image = small_ext4(tmp_path)
+    set_size(image, inode_at(image, "/d"), (64 << 20) + 1)
+    fs = open_fs(image)
+    with pytest.raises(ExtError, match=r"directory inode 12 is 67108865 bytes: more than the 64 MiB "
+                                       r"\(about 2 million entries\) this reader lists"):
+        fs.listdir(fs.lookup("/d"))
 
 
 def test_a_directory_naming_one_block_twice_is_corrupt(tmp_path):
@@ -399,3 +410,22 @@ def test_revoke_records_cancel_the_copies_before_them(tmp_path):
         assert f"{end // 3} transaction" in fs.journal_note or end == 13, fs.journal_note
         got = b"".join(d for _o, d in fs.ranges(fs.lookup("/hostname")))
         assert got == expected[:5], (end, fs.journal_note)
+
+
+def test_a_journal_mapping_a_block_twice_is_not_replayed(tmp_path):
+    """The journal's map named one region of log blocks 510 times over: replay put one block of
+    entries over each of a directory's 262,000 (distinct) blocks, 89 million entries."""
+    image, at, free = journal_image(tmp_path, 8)
+    fs = open_fs(image)
+    target = fs.runs(fs.lookup("/hostname"))[0].pblk
+    patch(image, free * 4096, jsb(9, 1, 1) + descriptor(target) + b"other".ljust(4096, b"\0") + commit())
+    set_size(image, at, 9 * 4096)
+    patch(image, at + 0x28, extents((0, 5, free), (5, 4, free + 5)))  # sound: replayed
+    fs = open_fs(image)
+    assert fs.journal_note.startswith("replayed the journal in memory: 1 transaction(s), 1 block(s)")
+    assert fs.read(fs.lookup("/hostname")) == b"other"
+    for runs in ([(0, 5, free), (5, 4, free + 4)], [(0, 1, free), (1, 4, free + 2), (5, 4, free + 1)]):
+        patch(image, at + 0x28, extents(*runs))  # free+4 twice; free+2..4 twice
+        fs = open_fs(image)
+        assert "cannot be replayed (the journal's block map names block" in fs.journal_note, fs.journal_note
+        assert fs.read(fs.lookup("/hostname")) == b"host\n"

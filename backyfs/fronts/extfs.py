@@ -34,7 +34,8 @@ RO_COMPAT_SPARSE_SUPER = 0x1
 _XATTR_MAGIC = 0xEA020000
 _MAX_SYMLINKS = 40
 _MAX_LINK_BYTES = 4096  # PATH_MAX: what the kernel allows a symlink target
-_MAX_DIR_BYTES = 1 << 30  # a directory of millions of entries is a few hundred MiB
+# About 2 million entries: a 12 MiB directory already costs ~1.9 GB of Python objects in ls-files --json.
+_MAX_DIR_BYTES = 64 << 20
 _MAX_LOG_BLOCK_SIZE = 6  # 64 KiB blocks, the kernel's largest
 _MAX_COMPONENTS = (_MAX_SYMLINKS + 1) * _MAX_LINK_BYTES // 2  # the most "a/" Linux would resolve
 _DIR_CACHE_DIRS, _DIR_CACHE_ENTRIES = 64, 1 << 20  # lookup's parsed directories (the last always kept)
@@ -307,7 +308,8 @@ class ExtFS(BlockMaps):
         damaged size must not allocate, and a block named twice would repeat its entries without
         end (no sound ext filesystem shares a block within a directory)."""
         if inode.size > _MAX_DIR_BYTES:
-            raise ExtError(f"inode {inode.ino}: size {inode.size} is impossible for its type")
+            raise ExtError(f"directory inode {inode.ino} is {inode.size} bytes: more than the "
+                           f"{_MAX_DIR_BYTES >> 20} MiB (about 2 million entries) this reader lists")
         bs, used = self.block_size, set()
         for run in self.iter_runs(inode):
             for i in range(0, run.count, chunk):

@@ -18,6 +18,7 @@ import struct
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ class Journal:
             self.starts.append(run.lblk)
             self.pblks.append(run.pblk)
             self.counts.append(run.count)
+        self._check_no_block_twice()
         sb = self.read(0)
         magic, btype = struct.unpack_from(">II", sb, 0)
         if magic != MAGIC or btype not in (SB_V1, SB_V2):
@@ -72,6 +74,18 @@ class Journal:
             self.tag_size = 16
         else:
             self.tag_size = 12 + (2 if csum else 0) - (0 if self.incompat & INCOMPAT_64BIT else 4)
+
+    def _check_no_block_twice(self) -> None:
+        """A journal whose map names a physical block twice is corrupt: its log blocks aliased onto
+        one small region replayed one block of directory entries over 262,000 distinct directory
+        blocks (89M entries from a 4.8 MB image). Checked over runs, not blocks: a journal may have
+        millions of blocks in a few runs, usually in the order of the disk (then nothing is sorted)."""
+        pblks, counts = self.pblks, self.counts
+        if all(pblks[i] + counts[i] <= pblks[i + 1] for i in range(len(pblks) - 1)):
+            return
+        for a, b in pairwise(sorted(range(len(pblks)), key=pblks.__getitem__)):
+            if pblks[a] + counts[a] > pblks[b]:
+                raise _error(f"the journal's block map names block {pblks[b]} twice (corrupt)")
 
     def locate(self, jblock: int) -> int:
         """The filesystem block holding journal block JBLOCK."""
