@@ -292,6 +292,34 @@ def test_symlinks_full_of_dotdot_resolve_quickly(tmp_path):
     assert out == "OK 6"
 
 
+def test_directories_evicting_each_other_from_the_cache_bound_a_lookup(tmp_path, monkeypatch):
+    """/a held more names than the cache (1M entries): symlinks of "a/x/../../" made / and /a evict
+    each other, and each of ~16,000 cycles parsed /a again (~2 s each: 9 hours). Here with a cache of
+    1,000 entries, /a of 1,100 names, and a budget of 100,000 entries for one lookup."""
+    from backyfs.fronts import extfs
+
+    src = tmp_path / "src"
+    (src / "a" / "x").mkdir(parents=True)
+    (src / "real").mkdir()
+    (src / "real" / "fstab").write_text("fstab\n")
+    for i in range(1100):
+        (src / "a" / f"f{i:05}").touch()
+    for i in range(5):
+        (src / f"l{i}").symlink_to("a/x/../../" * 409 + (f"l{i + 1}" if i < 4 else "real"))
+    image = make_ext(tmp_path / "fs.img", src, 16 << 20, "ext4", "-b", "4096", "-N", "1300")
+    monkeypatch.setattr(extfs, "_DIR_CACHE_ENTRIES", 1000)
+    monkeypatch.setattr(extfs, "_MAX_LOOKUP_WORK", 100_000, raising=False)
+    fs = open_fs(image)
+    assert fs.lookup("/a/x/../../a/f01099").size == 0  # each directory parsed once
+    assert fs.lookup("/a/x/../../" * 30 + "real/fstab").size == 6  # ~35,000 entries
+    started = time.monotonic()
+    with pytest.raises(ExtError, match="/l0/fstab: path resolution reads too many directory entries "
+                                       "\\(more than 100,000\\)"):
+        fs.lookup("/l0/fstab")  # 2,045 cycles
+    assert time.monotonic() - started < 1
+    assert fs.lookup("/real/fstab").size == 6  # the budget is per lookup
+
+
 def test_a_path_of_too_many_components_is_refused(tmp_path):
     image = small_ext4(tmp_path)
     fs = open_fs(image)

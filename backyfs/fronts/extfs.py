@@ -39,6 +39,7 @@ _MAX_DIR_BYTES = 64 << 20
 _MAX_LOG_BLOCK_SIZE = 6  # 64 KiB blocks, the kernel's largest
 _MAX_COMPONENTS = (_MAX_SYMLINKS + 1) * _MAX_LINK_BYTES // 2  # the most "a/" Linux would resolve
 _DIR_CACHE_DIRS, _DIR_CACHE_ENTRIES = 64, 1 << 20  # lookup's parsed directories (the last always kept)
+_MAX_LOOKUP_WORK = 8_000_000  # directory entries one lookup parses (a few seconds); cache hits are free
 
 
 class ExtError(BackyfsError):
@@ -293,15 +294,21 @@ class ExtFS(BlockMaps):
     # --- directories ----------------------------------------------------------------------
     def listdir(self, inode: Inode) -> list[tuple[bytes, int]]:
         """(name, inode number) of a directory's entries, without '.' and '..'."""
+        return self._parse_dir(inode)[0]
+
+    def _parse_dir(self, inode: Inode) -> tuple[list[tuple[bytes, int]], int]:
+        """listdir(), and its work: the records parsed, used or not, and at least one a 64 bytes read
+        (blocks without a valid record cost their reading)."""
         if not inode.is_dir:
             raise ExtError(f"inode {inode.ino} is not a directory")
+        out: list[tuple[bytes, int]] = []
         if inode.flags & FL_INLINE_DATA:  # 4 bytes of parent inode, then entries
             entries = self.inline_data(inode)[4:]
-            return _dirents(entries, len(entries))
-        out: list[tuple[bytes, int]] = []
+            return out, _dirents(entries, len(entries), out)
+        work = 0
         for data in self._dir_blocks(inode):
-            out += _dirents(data, self.block_size)
-        return out
+            work += max(_dirents(data, self.block_size, out), len(data) // 64)
+        return out, work
 
     def _dir_blocks(self, inode: Inode, chunk: int = 64) -> Iterator[bytes]:
         """A directory's written blocks, one by one (holes and unwritten extents hold no entries): a
@@ -324,26 +331,28 @@ class ExtFS(BlockMaps):
                         offset = (run.lblk + i + k) * bs
                         yield data[k * bs : k * bs + min(bs, inode.size - offset)]
 
-    def _entries(self, inode: Inode) -> dict[bytes, int]:
+    def _entries(self, inode: Inode) -> tuple[dict[bytes, int], int]:
         """listdir() as {name: inode}, from a small LRU cache: a path like x/../x/../ (which symlinks
-        can repeat thousands of times) must not parse the same directory again each time."""
+        can repeat thousands of times) must not parse the same directory again each time. With the
+        work it took (_parse_dir(); 0 from the cache)."""
         entries = self._dirs.get(inode.ino)
         if entries is not None:
             self._dirs.move_to_end(inode.ino)
-            return entries
-        entries = self._dirs[inode.ino] = dict(self.listdir(inode))
+            return entries, 0
+        listed, work = self._parse_dir(inode)
+        entries = self._dirs[inode.ino] = dict(listed)
         self._dirs_entries += len(entries)
         while len(self._dirs) > 1 and (len(self._dirs) > _DIR_CACHE_DIRS
                                        or self._dirs_entries > _DIR_CACHE_ENTRIES):
             self._dirs_entries -= len(self._dirs.popitem(last=False)[1])
-        return entries
+        return entries, work
 
     def lookup(self, path: str, follow_last: bool = False) -> Inode:
         """The inode at PATH (from the filesystem's root). Symlinks on the way are followed, inside
         this filesystem; the last component only with follow_last."""
         todo = _components(path)  # reversed: the next one last
         stack: list[Inode] = [self.inode(ROOT_INO)]
-        hops = steps = 0
+        hops = steps = work = 0
         while todo:
             name = todo.pop()
             steps += 1
@@ -353,7 +362,12 @@ class ExtFS(BlockMaps):
                 if len(stack) > 1:
                     stack.pop()
                 continue
-            found = self._entries(stack[-1]).get(name.encode("utf-8", "surrogateescape"))
+            entries, cost = self._entries(stack[-1])
+            work += cost  # directories that evict each other from the cache were parsed again each time
+            if work > _MAX_LOOKUP_WORK:
+                raise ExtError(f"{path}: path resolution reads too many directory entries (more than "
+                               f"{_MAX_LOOKUP_WORK:,})")
+            found = entries.get(name.encode("utf-8", "surrogateescape"))
             if found is None:
                 raise ExtError(f"{path}: no such file or directory")
             node = self.inode(found)
@@ -376,10 +390,11 @@ def _components(path: str) -> list[str]:
     return [p for p in reversed(path.split("/")) if p not in ("", ".")]
 
 
-def _dirents(data: bytes, block_size: int) -> list[tuple[bytes, int]]:
-    """Parse linear directory blocks. An htree's index blocks look like one empty entry spanning the
-    block, and checksum tails like an entry of inode 0, so both are skipped as unused entries."""
-    out = []
+def _dirents(data: bytes, block_size: int, out: list[tuple[bytes, int]]) -> int:
+    """Parse linear directory blocks into OUT; returns the number of records parsed. An htree's index
+    blocks look like one empty entry spanning the block, and checksum tails like an entry of inode 0,
+    so both are skipped as unused entries."""
+    records = 0
     for start in range(0, len(data), block_size):
         end, pos = min(start + block_size, len(data)), start
         while pos + 8 <= end:
@@ -388,9 +403,10 @@ def _dirents(data: bytes, block_size: int) -> list[tuple[bytes, int]]:
                 rec_len = 65536  # 64 KiB blocks store that length as 0 or 65535
             if rec_len < 8 or rec_len % 4 or pos + rec_len > end:
                 break  # corrupt: skip the rest of this block
+            records += 1
             name = data[pos + 8 : pos + 8 + name_len]
             if ino and name_len and name not in (b".", b"..") and 8 + name_len <= rec_len:
                 out.append((name, ino))
             pos += rec_len
-    return out
+    return records
 
