@@ -480,3 +480,18 @@ def test_a_journal_of_more_than_2_24_blocks_is_not_replayed(tmp_path):
                 in fs.journal_note
             assert fs.read(fs.lookup("/hostname")) == b"host\n"
 
+
+def test_a_journal_replaying_a_block_beyond_the_filesystem_is_not_replayed(tmp_path):
+    """ExtFS.block() returned the journal's copy of any block number the journal named."""
+    image, at, free = journal_image(tmp_path, 8)
+    fs = open_fs(image)
+    beyond = fs.blocks_count + 10
+    patch(image, free * 4096, jsb(9, 1, 1) + descriptor(beyond) + b"other".ljust(4096, b"\0") + commit())
+    patch(image, at + 0x28, extents((0, 9, free)))
+    set_size(image, at, 9 * 4096)
+    fs = open_fs(image)
+    assert f"cannot be replayed (it replays block {beyond}, beyond the filesystem's {fs.blocks_count})" \
+        in fs.journal_note, fs.journal_note
+    fs.overrides = {beyond: b"other".ljust(4096, b"\0")}  # ExtFS itself reads no block beyond its end
+    with pytest.raises(ExtError, match=f"block {beyond}\\+1 is beyond the end of the filesystem"):
+        fs.block(beyond)

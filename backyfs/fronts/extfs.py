@@ -158,7 +158,7 @@ class ExtFS(BlockMaps):
 
     # --- blocks ---------------------------------------------------------------------------
     def block(self, n: int) -> bytes:
-        data = self.overrides.get(n)
+        data = self.overrides.get(n) if 0 <= n < self.blocks_count else None  # (else an error below)
         if data is not None:
             return data
         return self.read_blocks(n, 1)

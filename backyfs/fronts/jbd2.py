@@ -197,6 +197,9 @@ def replay(fs: ExtFS) -> tuple[Mapping[int, bytes], str]:
         where, done = journal.scan()
         for loc in where.values():
             journal.locate(loc >> 1)  # all mapped, so that reading them later fails only as the device can
+        beyond = max(where, default=-1)
+        if beyond >= fs.blocks_count:  # recovery would fail to write it; ExtFS must not read it
+            raise ExtError(f"it replays block {beyond}, beyond the filesystem's {fs.blocks_count}")
     except ExtError as exc:
         return {}, f"the journal needs recovery but cannot be replayed ({exc}); recent changes may be missing"
     note = f"replayed the journal in memory: {done} transaction(s), {len(where)} block(s)"
