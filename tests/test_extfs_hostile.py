@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 import tracemalloc
+from array import array
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,22 @@ def test_impossible_superblock_fields_are_one_line(tmp_path, offset, fmt, value)
         open_fs(image)
 
 
+def test_a_filesystem_larger_than_its_partition_is_corrupt(tmp_path):
+    """The kernel refuses it; a guest claiming more blocks than it has makes room for files that map
+    its few real blocks many times."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    image = make_ext(tmp_path / "fs.img", src, 4 << 20, "ext4", "-b", "4096")
+    with open(image, "r+b") as f:  # a partition larger than its filesystem is fine
+        f.truncate(5 << 20)
+    assert open_fs(image).lookup("/f").size == 1
+    patch(image, 1024 + 4, struct.pack("<I", (5 << 20) // 4096 + 1))  # s_blocks_count_lo
+    with pytest.raises(ExtError, match="corrupt superblock: 1281 blocks of 4096 bytes are more than the "
+                                       "5242880 bytes of the partition"):
+        open_fs(image)
+
+
 # --- file sizes and block maps ------------------------------------------------------------------
 def small_ext4(tmp_path: Path, *opts: str, size: int = 8 << 20) -> Path:
     src = tmp_path / "src"
@@ -149,6 +166,39 @@ def test_overlapping_extents_are_corrupt_and_extents_are_clipped_to_the_size(tmp
         list(fs.ranges(fs.lookup("/f")))
 
 
+def test_a_file_mapping_more_blocks_than_the_filesystem_is_corrupt(tmp_path):
+    """A leaf of extents all mapping the same blocks: a 16 MiB image made a 5.3 GiB file (and one
+    more tree level the 16 TiB maximum)."""
+    image = small_ext4(tmp_path)  # 2048 blocks
+    at = inode_at(image, "/f")
+    fs = open_fs(image)
+    assert fs.blocks_count == 2048 and fs.mapped_blocks(fs.lookup("/f")) == 1
+    leaf_at, data = 1500, 1600
+
+    def leaf(n: int) -> None:
+        body = struct.pack("<HHHHI", 0xF30A, n, 340, 0, 0)
+        body += b"".join(struct.pack("<IHHI", i * 32, 32, 0, data) for i in range(n))
+        patch(image, leaf_at * 4096, body)
+        patch(image, at + 0x28, struct.pack("<HHHHI", 0xF30A, 1, 4, 1, 0)
+              + struct.pack("<IIHH", 0, leaf_at, 0, 0) + bytes(36))
+        set_size(image, at, 340 * 32 * 4096)
+
+    leaf(64)  # 2048 blocks: as many as the filesystem has
+    fs = open_fs(image)
+    assert fs.mapped_blocks(fs.lookup("/f")) == 2048
+    assert sum(len(d) for _o, d in fs.ranges(fs.lookup("/f"))) == 2048 * 4096
+    leaf(340)  # 10,880 blocks
+    fs = open_fs(image)
+    for count in (fs.mapped_blocks, lambda inode: sum(len(d) for _o, d in fs.ranges(inode))):
+        with pytest.raises(ExtError, match="inode 14: the block map names more blocks than the "
+                                           "filesystem's 2048"):
+            count(fs.lookup("/f"))
+    result = Restorer(fs).restore(fs.inode(2), str(tmp_path / "out"))
+    assert len(result.errors) == 1 and "more blocks than the filesystem's" in result.errors[0], result.errors
+    assert not (tmp_path / "out" / "f").exists()  # (a partial copy is removed)
+    assert (tmp_path / "out" / "d" / "keep").read_text() == "kept\n"
+
+
 def test_an_extent_node_of_the_wrong_depth_is_corrupt(tmp_path):
     image = small_ext4(tmp_path)
     at = inode_at(image, "/f")
@@ -162,18 +212,20 @@ def test_an_extent_node_of_the_wrong_depth_is_corrupt(tmp_path):
 
 
 def test_a_map_of_millions_of_runs_is_streamed(tmp_path):
-    """Indirect blocks, each of 1024 pointers to the same data block: the map once became one list
-    of Run objects (12.3 million, 1.9 GB, for 12,000 such blocks)."""
+    """Indirect blocks of 1024 pointers each: the map once became one list of Run objects (12.3
+    million, 1.9 GB, for 12,000 such blocks). Every other block, so that no two runs join; a sparse
+    1 GiB filesystem, as a file cannot have more blocks than its filesystem."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"B" * 5000)
-    image = make_ext(tmp_path / "fs.img", src, 16 << 20, "ext2", "-b", "4096")
+    image = make_ext(tmp_path / "fs.img", src, 1 << 30, "ext2", "-b", "4096", "-N", "64")
     at, leaves, free = inode_at(image, "/f"), 100, 2048
     patch(image, at + 0x28, struct.pack("<15I", *[0] * 14, free))  # a triple-indirect tree only
     set_size(image, at, 1 << 40)
     patch(image, free * 4096, struct.pack("<I", free + 1))
     patch(image, (free + 1) * 4096, b"".join(struct.pack("<I", free + 2 + i) for i in range(leaves)))
-    patch(image, (free + 2) * 4096, struct.pack("<I", 100) * 1024 * leaves)
+    data = free + 2 + leaves
+    patch(image, (free + 2) * 4096, array("I", range(data, data + 2 * 1024 * leaves, 2)).tobytes())
     fs = open_fs(image)
     inode = fs.lookup("/f")
     tracemalloc.start()
@@ -188,14 +240,25 @@ def test_a_map_of_millions_of_runs_is_streamed(tmp_path):
 
 # --- directories and lookup ---------------------------------------------------------------------
 def test_a_huge_sparse_directory_is_read_block_by_block(tmp_path):
-    """The root's i_size set to 1 GiB - 1, the rest a hole: each listdir allocated 2 GB."""
+    """The root's i_size set to 1 GiB - 1, the rest a hole: each listdir allocated 2 GB. Now 64 MiB
+    at most (with 48 MiB to spare, whole it would not fit)."""
     image = small_ext4(tmp_path)
-    set_size(image, inode_at(image, "<2>"), (1 << 30) - 1)
+    set_size(image, inode_at(image, "<2>"), (64 << 20) - 1)
     started = time.monotonic()
     out = isolated(image, "result = sorted(n.decode() for n, _ in fs.listdir(fs.inode(2))), "
-                   "fs.lookup('/d/keep').size")
+                   "fs.lookup('/d/keep').size", headroom=48 << 20)
     assert out == "OK (['d', 'f', 'lost+found'], 5)"
     assert time.monotonic() - started < 5
+
+
+def test_a_directory_over_64_mib_is_refused(tmp_path):
+    """Entries of 12 bytes: 1 GiB was 89 million of them (and Python objects of many GB)."""
+    image = small_ext4(tmp_path)
+    set_size(image, inode_at(image, "/d"), (64 << 20) + 1)
+    fs = open_fs(image)
+    with pytest.raises(ExtError, match=r"directory inode 12 is 67108865 bytes: more than the 64 MiB "
+                                       r"\(about 2 million entries\) this reader lists"):
+        fs.listdir(fs.lookup("/d"))
 
 
 def test_a_directory_naming_one_block_twice_is_corrupt(tmp_path):
@@ -227,6 +290,34 @@ def test_symlinks_full_of_dotdot_resolve_quickly(tmp_path):
     image = make_ext(tmp_path / "fs.img", src, 32 << 20, "ext4", "-b", "4096", "-N", "3300")
     out = isolated(image, "result = fs.lookup('/etc/fstab').size", timeout=10)
     assert out == "OK 6"
+
+
+def test_directories_evicting_each_other_from_the_cache_bound_a_lookup(tmp_path, monkeypatch):
+    """/a held more names than the cache (1M entries): symlinks of "a/x/../../" made / and /a evict
+    each other, and each of ~16,000 cycles parsed /a again (~2 s each: 9 hours). Here with a cache of
+    1,000 entries, /a of 1,100 names, and a budget of 100,000 entries for one lookup."""
+    from backyfs.fronts import extfs
+
+    src = tmp_path / "src"
+    (src / "a" / "x").mkdir(parents=True)
+    (src / "real").mkdir()
+    (src / "real" / "fstab").write_text("fstab\n")
+    for i in range(1100):
+        (src / "a" / f"f{i:05}").touch()
+    for i in range(5):
+        (src / f"l{i}").symlink_to("a/x/../../" * 409 + (f"l{i + 1}" if i < 4 else "real"))
+    image = make_ext(tmp_path / "fs.img", src, 16 << 20, "ext4", "-b", "4096", "-N", "1300")
+    monkeypatch.setattr(extfs, "_DIR_CACHE_ENTRIES", 1000)
+    monkeypatch.setattr(extfs, "_MAX_LOOKUP_WORK", 100_000, raising=False)
+    fs = open_fs(image)
+    assert fs.lookup("/a/x/../../a/f01099").size == 0  # each directory parsed once
+    assert fs.lookup("/a/x/../../" * 30 + "real/fstab").size == 6  # ~35,000 entries
+    started = time.monotonic()
+    with pytest.raises(ExtError, match="/l0/fstab: path resolution reads too many directory entries "
+                                       "\\(more than 100,000\\)"):
+        fs.lookup("/l0/fstab")  # 2,045 cycles
+    assert time.monotonic() - started < 1
+    assert fs.lookup("/real/fstab").size == 6  # the budget is per lookup
 
 
 def test_a_path_of_too_many_components_is_refused(tmp_path):
@@ -274,12 +365,13 @@ def commit(seq: int = 7) -> bytes:
 @pytest.mark.parametrize("kind", ["descriptor", "revoke"])
 def test_a_journal_wrapping_onto_itself_ends(tmp_path, kind):
     """s_maxlen 2^32-1, s_first = s_start = 2^32-2, that block mapped: the scan read it 4 billion
-    times (a hang; with a revoke block in it, 40 MB/s more memory)."""
+    times (a hang; with a revoke block in it, 40 MB/s more memory). Now at 2^24, the most blocks
+    a replayable journal has."""
     image, at, free = journal_image(tmp_path)
-    top = 0xFFFFFFFE
+    top = (1 << 24) - 2
     patch(image, at + 0x28, extents((0, 1, free), (top, 1, free + 1)))
     set_size(image, at, (top + 1) * 4096)
-    patch(image, free * 4096, jsb(0xFFFFFFFF, top, top))
+    patch(image, free * 4096, jsb(top + 1, top, top))
     block = descriptor(*range(5000, 5510)) if kind == "descriptor" else revoke(*range(100000, 101020))
     patch(image, (free + 1) * 4096, block)
     out = isolated(image, "result = fs.journal_note", timeout=10)
@@ -347,3 +439,59 @@ def test_revoke_records_cancel_the_copies_before_them(tmp_path):
         assert f"{end // 3} transaction" in fs.journal_note or end == 13, fs.journal_note
         got = b"".join(d for _o, d in fs.ranges(fs.lookup("/hostname")))
         assert got == expected[:5], (end, fs.journal_note)
+
+
+def test_a_journal_mapping_a_block_twice_is_not_replayed(tmp_path):
+    """The journal's map named one region of log blocks 510 times over: replay put one block of
+    entries over each of a directory's 262,000 (distinct) blocks, 89 million entries."""
+    image, at, free = journal_image(tmp_path, 8)
+    fs = open_fs(image)
+    target = fs.runs(fs.lookup("/hostname"))[0].pblk
+    patch(image, free * 4096, jsb(9, 1, 1) + descriptor(target) + b"other".ljust(4096, b"\0") + commit())
+    set_size(image, at, 9 * 4096)
+    patch(image, at + 0x28, extents((0, 5, free), (5, 4, free + 5)))  # sound: replayed
+    fs = open_fs(image)
+    assert fs.journal_note.startswith("replayed the journal in memory: 1 transaction(s), 1 block(s)")
+    assert fs.read(fs.lookup("/hostname")) == b"other"
+    for runs in ([(0, 5, free), (5, 4, free + 4)], [(0, 1, free), (1, 4, free + 2), (5, 4, free + 1)]):
+        patch(image, at + 0x28, extents(*runs))  # free+4 twice; free+2..4 twice
+        fs = open_fs(image)
+        assert "cannot be replayed (the journal's block map names block" in fs.journal_note, fs.journal_note
+        assert fs.read(fs.lookup("/hostname")) == b"host\n"
+
+
+def test_a_journal_of_more_than_2_24_blocks_is_not_replayed(tmp_path):
+    """mke2fs makes at most 10,240,000; a guest's journal of up to 2^32 blocks, all aliased to one
+    region of revoke blocks, made the scan read 947 million blocks (14 hours)."""
+    image, at, free = journal_image(tmp_path)
+    target = open_fs(image).runs(open_fs(image).lookup("/hostname"))[0].pblk
+    for maxlen in (1 << 24, (1 << 24) + 1):  # a transaction in the last 3 blocks of the log
+        log = maxlen - 3
+        patch(image, free * 4096, b"".join((jsb(maxlen, log, log), descriptor(target),
+                                            b"other".ljust(4096, b"\0"), commit())))
+        patch(image, at + 0x28, extents((0, 1, free), (log, 3, free + 1)))
+        set_size(image, at, maxlen * 4096)
+        fs = open_fs(image)
+        if maxlen == 1 << 24:  # as many as a journal may have: replayed
+            assert fs.journal_note.startswith("replayed the journal in memory: 1 trans"), fs.journal_note
+            assert fs.read(fs.lookup("/hostname")) == b"other"
+        else:
+            assert "cannot be replayed (the journal is 16777217 blocks, more than 16777216)" \
+                in fs.journal_note
+            assert fs.read(fs.lookup("/hostname")) == b"host\n"
+
+
+def test_a_journal_replaying_a_block_beyond_the_filesystem_is_not_replayed(tmp_path):
+    """ExtFS.block() returned the journal's copy of any block number the journal named."""
+    image, at, free = journal_image(tmp_path, 8)
+    fs = open_fs(image)
+    beyond = fs.blocks_count + 10
+    patch(image, free * 4096, jsb(9, 1, 1) + descriptor(beyond) + b"other".ljust(4096, b"\0") + commit())
+    patch(image, at + 0x28, extents((0, 9, free)))
+    set_size(image, at, 9 * 4096)
+    fs = open_fs(image)
+    assert f"cannot be replayed (it replays block {beyond}, beyond the filesystem's {fs.blocks_count})" \
+        in fs.journal_note, fs.journal_note
+    fs.overrides = {beyond: b"other".ljust(4096, b"\0")}  # ExtFS itself reads no block beyond its end
+    with pytest.raises(ExtError, match=f"block {beyond}\\+1 is beyond the end of the filesystem"):
+        fs.block(beyond)

@@ -13,36 +13,33 @@ Not supported (clear error): encrypted files, compression, a journal device inst
 from __future__ import annotations
 
 import contextlib
-import itertools
 import stat
 import struct
-from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from backyfs.errors import BackyfsError
+from backyfs.fronts.extmaps import FL_INLINE_DATA, BlockMaps
+from backyfs.fronts.extmaps import Run as Run  # (re-exported)
 
 Pread = Callable[[int, int], bytes]
 EXT_MAGIC = 0xEF53
-EXTENT_MAGIC = 0xF30A
 ROOT_INO = 2
 # superblock feature bits
 COMPAT_HAS_JOURNAL = 0x4
 INCOMPAT_COMPRESSION, INCOMPAT_FILETYPE, INCOMPAT_RECOVER, INCOMPAT_JOURNAL_DEV = 0x1, 0x2, 0x4, 0x8
 INCOMPAT_META_BG, INCOMPAT_64BIT, INCOMPAT_DIRDATA, INCOMPAT_LARGEDIR = 0x10, 0x80, 0x1000, 0x4000
 RO_COMPAT_SPARSE_SUPER = 0x1
-# inode flags
-FL_ENCRYPT, FL_EXTENTS, FL_INLINE_DATA = 0x800, 0x80000, 0x10000000
 _XATTR_MAGIC = 0xEA020000
 _MAX_SYMLINKS = 40
 _MAX_LINK_BYTES = 4096  # PATH_MAX: what the kernel allows a symlink target
-_MAX_DIR_BYTES = 1 << 30  # a directory of millions of entries is a few hundred MiB
+# About 2 million entries: a 12 MiB directory already costs ~1.9 GB of Python objects in ls-files --json.
+_MAX_DIR_BYTES = 64 << 20
 _MAX_LOG_BLOCK_SIZE = 6  # 64 KiB blocks, the kernel's largest
-_MAX_EXTENT_LEVELS = 8  # the kernel allows 5; kept at 8, as tests build deeper trees to attack
 _MAX_COMPONENTS = (_MAX_SYMLINKS + 1) * _MAX_LINK_BYTES // 2  # the most "a/" Linux would resolve
-_MAX_LISTED_RUNS = 1 << 20  # runs() as a list: ranges() and iter_runs() stream any number
 _DIR_CACHE_DIRS, _DIR_CACHE_ENTRIES = 64, 1 << 20  # lookup's parsed directories (the last always kept)
+_MAX_LOOKUP_WORK = 8_000_000  # directory entries one lookup parses (a few seconds); cache hits are free
 
 
 class ExtError(BackyfsError):
@@ -85,15 +82,6 @@ class Inode:
         return stat.S_ISLNK(self.mode)
 
 
-@dataclass(frozen=True)
-class Run:
-    """Logical blocks [lblk, lblk + count) of a file at physical blocks [pblk, pblk + count)."""
-    lblk: int
-    pblk: int
-    count: int
-    initialized: bool = True  # an unwritten (preallocated) extent reads as zeros
-
-
 def _power_of_two(n: int) -> bool:
     return n > 0 and not n & (n - 1)
 
@@ -108,7 +96,7 @@ def _time_ns(raw: bytes, base: int, extra: int | None) -> int:
     return sec * 1_000_000_000 + ns
 
 
-class ExtFS:
+class ExtFS(BlockMaps):
     def __init__(self, pread: Pread, size: int, replay_journal: bool = True) -> None:
         self.pread, self.size = pread, size
         sb = pread(1024, 1024)
@@ -146,6 +134,9 @@ class ExtFS:
         if not 32 <= self.desc_size <= 1024 or not _power_of_two(self.desc_size):
             raise ExtError(f"corrupt superblock: group descriptor size {self.desc_size}")
         self.blocks_count = blocks_lo | (struct.unpack_from("<I", sb, 0x150)[0] << 32 if wide else 0)
+        if self.blocks_count * bs > self.size:  # the kernel refuses to mount such a filesystem
+            raise ExtError(f"corrupt superblock: {self.blocks_count} blocks of {bs} bytes are more than "
+                           f"the {self.size} bytes of the partition (or the partition is truncated)")
         self.first_meta_bg = struct.unpack_from("<I", sb, 0x104)[0]
         if not 0 < self.inodes_per_group <= 8 * bs or not self.blocks_per_group:
             raise ExtError(f"corrupt superblock: {self.blocks_per_group} blocks and "
@@ -167,7 +158,7 @@ class ExtFS:
 
     # --- blocks ---------------------------------------------------------------------------
     def block(self, n: int) -> bytes:
-        data = self.overrides.get(n)
+        data = self.overrides.get(n) if 0 <= n < self.blocks_count else None  # (else an error below)
         if data is not None:
             return data
         return self.read_blocks(n, 1)
@@ -246,89 +237,6 @@ class ExtFS:
         return Inode(ino, mode, uid_lo | uid_hi << 16, gid_lo | gid_hi << 16, size_lo,
                      _time_ns(raw, 0x8, atime_x), _time_ns(raw, 0x10, mtime_x), flags, blocks, file_acl, raw)
 
-    # --- block maps -----------------------------------------------------------------------
-    def runs(self, inode: Inode) -> list[Run]:
-        """iter_runs() as a list, for maps known to be small; a longer one is an error."""
-        runs = list(itertools.islice(self.iter_runs(inode), _MAX_LISTED_RUNS + 1))
-        if len(runs) > _MAX_LISTED_RUNS:
-            raise ExtError(f"inode {inode.ino}: more than {_MAX_LISTED_RUNS} block runs")
-        return runs
-
-    def iter_runs(self, inode: Inode) -> Iterator[Run]:
-        """The file's mapped blocks in logical order, clipped to i_size; the gaps are holes. Made as
-        they are consumed: a hostile map can name billions of runs in a few MiB of tree blocks."""
-        if inode.flags & FL_ENCRYPT:
-            raise ExtError(f"inode {inode.ino} is encrypted")
-        nblocks = -(-inode.size // self.block_size)
-        # Every tree block is visited once: a block reached twice (a damaged or hostile image) would
-        # make the walk exponential, so it is an error.
-        seen: set[int] = set()
-        if inode.flags & FL_EXTENTS:
-            found = self._extent_runs(inode.raw[0x28:0x64], None, 0, nblocks, seen)
-        else:
-            found = _coalesce(self._indirect_runs(inode.raw[0x28:0x64], nblocks, seen))
-        end = 0
-        for run in found:
-            if run.lblk < end:  # an extent over an earlier one, or out of order: not a sound map
-                raise ExtError(f"inode {inode.ino}: corrupt block map (block {run.lblk} mapped twice)")
-            if run.lblk < nblocks and run.count:  # (the walk goes on: a reused tree block is an error)
-                end = run.lblk + run.count
-                yield run if end <= nblocks else Run(run.lblk, run.pblk, nblocks - run.lblk, run.initialized)
-
-    def _tree_block(self, pblk: int, seen: set[int]) -> bytes:
-        if pblk in seen:
-            raise ExtError(f"corrupt block map: block {pblk} is used twice")
-        seen.add(pblk)
-        return self.block(pblk)
-
-    def _extent_runs(self, node: bytes, want: int | None, level: int, nblocks: int,
-                     seen: set[int]) -> Iterator[Run]:
-        """The runs of an extent (sub)tree; WANT: the depth its parent says it has."""
-        magic, entries, _max, depth = struct.unpack_from("<HHHH", node, 0)
-        bad_depth = depth != want if want is not None else depth > _MAX_EXTENT_LEVELS
-        if magic != EXTENT_MAGIC or bad_depth or level > _MAX_EXTENT_LEVELS or 12 + 12 * entries > len(node):
-            raise ExtError("corrupt extent tree")
-        for i in range(entries):
-            pos = 12 + 12 * i
-            if depth == 0:
-                lblk, length, hi, lo = struct.unpack_from("<IHHI", node, pos)
-                initialized = length <= 32768
-                yield Run(lblk, hi << 32 | lo, length if initialized else length - 32768, initialized)
-            else:
-                lblk, lo, hi = struct.unpack_from("<IIH", node, pos)
-                if lblk >= nblocks:  # entries are sorted: the rest lies past the end of the file
-                    return
-                child = self._tree_block(hi << 32 | lo, seen)
-                yield from self._extent_runs(child, depth - 1, level + 1, nblocks, seen)
-
-    def _indirect_runs(self, iblock: bytes, nblocks: int, seen: set[int]) -> Iterator[Run]:
-        ptrs = struct.unpack("<15I", iblock)
-        for i in range(min(12, nblocks)):
-            if ptrs[i]:
-                yield Run(i, ptrs[i], 1)
-        per = self.block_size // 4
-        lblk = 12
-        for level, ptr in ((1, ptrs[12]), (2, ptrs[13]), (3, ptrs[14])):
-            if lblk >= nblocks:
-                return
-            if ptr:
-                yield from self._walk_indirect(ptr, level, lblk, nblocks, seen)
-            lblk += per**level
-
-    def _walk_indirect(self, ptr: int, level: int, lblk: int, nblocks: int, seen: set[int]) -> Iterator[Run]:
-        table = array("I", self._tree_block(ptr, seen))
-        span = (self.block_size // 4) ** (level - 1)
-        for i, child in enumerate(table):
-            start = lblk + i * span
-            if start >= nblocks:
-                return
-            if not child:
-                continue
-            if level == 1:
-                yield Run(start, child, 1)
-            else:
-                yield from self._walk_indirect(child, level - 1, start, nblocks, seen)
-
     # --- content --------------------------------------------------------------------------
     def inline_data(self, inode: Inode) -> bytes:
         """i_block's 60 bytes, then the system.data extended attribute in the inode body."""
@@ -386,22 +294,29 @@ class ExtFS:
     # --- directories ----------------------------------------------------------------------
     def listdir(self, inode: Inode) -> list[tuple[bytes, int]]:
         """(name, inode number) of a directory's entries, without '.' and '..'."""
+        return self._parse_dir(inode)[0]
+
+    def _parse_dir(self, inode: Inode) -> tuple[list[tuple[bytes, int]], int]:
+        """listdir(), and its work: the records parsed, used or not, and at least one a 64 bytes read
+        (blocks without a valid record cost their reading)."""
         if not inode.is_dir:
             raise ExtError(f"inode {inode.ino} is not a directory")
+        out: list[tuple[bytes, int]] = []
         if inode.flags & FL_INLINE_DATA:  # 4 bytes of parent inode, then entries
             entries = self.inline_data(inode)[4:]
-            return _dirents(entries, len(entries))
-        out: list[tuple[bytes, int]] = []
+            return out, _dirents(entries, len(entries), out)
+        work = 0
         for data in self._dir_blocks(inode):
-            out += _dirents(data, self.block_size)
-        return out
+            work += max(_dirents(data, self.block_size, out), len(data) // 64)
+        return out, work
 
     def _dir_blocks(self, inode: Inode, chunk: int = 64) -> Iterator[bytes]:
         """A directory's written blocks, one by one (holes and unwritten extents hold no entries): a
         damaged size must not allocate, and a block named twice would repeat its entries without
         end (no sound ext filesystem shares a block within a directory)."""
         if inode.size > _MAX_DIR_BYTES:
-            raise ExtError(f"inode {inode.ino}: size {inode.size} is impossible for its type")
+            raise ExtError(f"directory inode {inode.ino} is {inode.size} bytes: more than the "
+                           f"{_MAX_DIR_BYTES >> 20} MiB (about 2 million entries) this reader lists")
         bs, used = self.block_size, set()
         for run in self.iter_runs(inode):
             for i in range(0, run.count, chunk):
@@ -416,26 +331,28 @@ class ExtFS:
                         offset = (run.lblk + i + k) * bs
                         yield data[k * bs : k * bs + min(bs, inode.size - offset)]
 
-    def _entries(self, inode: Inode) -> dict[bytes, int]:
+    def _entries(self, inode: Inode) -> tuple[dict[bytes, int], int]:
         """listdir() as {name: inode}, from a small LRU cache: a path like x/../x/../ (which symlinks
-        can repeat thousands of times) must not parse the same directory again each time."""
+        can repeat thousands of times) must not parse the same directory again each time. With the
+        work it took (_parse_dir(); 0 from the cache)."""
         entries = self._dirs.get(inode.ino)
         if entries is not None:
             self._dirs.move_to_end(inode.ino)
-            return entries
-        entries = self._dirs[inode.ino] = dict(self.listdir(inode))
+            return entries, 0
+        listed, work = self._parse_dir(inode)
+        entries = self._dirs[inode.ino] = dict(listed)
         self._dirs_entries += len(entries)
         while len(self._dirs) > 1 and (len(self._dirs) > _DIR_CACHE_DIRS
                                        or self._dirs_entries > _DIR_CACHE_ENTRIES):
             self._dirs_entries -= len(self._dirs.popitem(last=False)[1])
-        return entries
+        return entries, work
 
     def lookup(self, path: str, follow_last: bool = False) -> Inode:
         """The inode at PATH (from the filesystem's root). Symlinks on the way are followed, inside
         this filesystem; the last component only with follow_last."""
         todo = _components(path)  # reversed: the next one last
         stack: list[Inode] = [self.inode(ROOT_INO)]
-        hops = steps = 0
+        hops = steps = work = 0
         while todo:
             name = todo.pop()
             steps += 1
@@ -445,7 +362,12 @@ class ExtFS:
                 if len(stack) > 1:
                     stack.pop()
                 continue
-            found = self._entries(stack[-1]).get(name.encode("utf-8", "surrogateescape"))
+            entries, cost = self._entries(stack[-1])
+            work += cost  # directories that evict each other from the cache were parsed again each time
+            if work > _MAX_LOOKUP_WORK:
+                raise ExtError(f"{path}: path resolution reads too many directory entries (more than "
+                               f"{_MAX_LOOKUP_WORK:,})")
+            found = entries.get(name.encode("utf-8", "surrogateescape"))
             if found is None:
                 raise ExtError(f"{path}: no such file or directory")
             node = self.inode(found)
@@ -468,10 +390,11 @@ def _components(path: str) -> list[str]:
     return [p for p in reversed(path.split("/")) if p not in ("", ".")]
 
 
-def _dirents(data: bytes, block_size: int) -> list[tuple[bytes, int]]:
-    """Parse linear directory blocks. An htree's index blocks look like one empty entry spanning the
-    block, and checksum tails like an entry of inode 0, so both are skipped as unused entries."""
-    out = []
+def _dirents(data: bytes, block_size: int, out: list[tuple[bytes, int]]) -> int:
+    """Parse linear directory blocks into OUT; returns the number of records parsed. An htree's index
+    blocks look like one empty entry spanning the block, and checksum tails like an entry of inode 0,
+    so both are skipped as unused entries."""
+    records = 0
     for start in range(0, len(data), block_size):
         end, pos = min(start + block_size, len(data)), start
         while pos + 8 <= end:
@@ -480,21 +403,10 @@ def _dirents(data: bytes, block_size: int) -> list[tuple[bytes, int]]:
                 rec_len = 65536  # 64 KiB blocks store that length as 0 or 65535
             if rec_len < 8 or rec_len % 4 or pos + rec_len > end:
                 break  # corrupt: skip the rest of this block
+            records += 1
             name = data[pos + 8 : pos + 8 + name_len]
             if ino and name_len and name not in (b".", b"..") and 8 + name_len <= rec_len:
                 out.append((name, ino))
             pos += rec_len
-    return out
+    return records
 
-
-def _coalesce(runs: Iterator[Run]) -> Iterator[Run]:
-    last: Run | None = None
-    for r in runs:
-        if last and last.lblk + last.count == r.lblk and last.pblk + last.count == r.pblk:
-            last = Run(last.lblk, last.pblk, last.count + r.count)
-        else:
-            if last:
-                yield last
-            last = r
-    if last:
-        yield last
