@@ -199,6 +199,28 @@ def test_a_file_mapping_more_blocks_than_the_filesystem_is_corrupt(tmp_path):
     assert (tmp_path / "out" / "d" / "keep").read_text() == "kept\n"
 
 
+def test_files_sharing_blocks_are_copied_no_further_than_the_filesystem_holds(tmp_path):
+    """Each file within the limit, but many files mapping the same blocks: the restore of a small
+    image still wrote without end. No two ext files share a block, so a restore's files together
+    map at most the filesystem's blocks."""
+    image = small_ext4(tmp_path)  # 2048 blocks
+    data = 1600
+    for path in ("/f", "/d/keep"):  # each maps 1,500 blocks: all at 1600..1631 again and again
+        at = inode_at(image, path)
+        leaf_at = 1500 if path == "/f" else 1501
+        body = struct.pack("<HHHHI", 0xF30A, 47, 340, 0, 0)
+        body += b"".join(struct.pack("<IHHI", i * 32, 32 if i < 46 else 28, 0, data) for i in range(47))
+        patch(image, leaf_at * 4096, body)
+        patch(image, at + 0x28, struct.pack("<HHHHI", 0xF30A, 1, 4, 1, 0)
+              + struct.pack("<IIHH", 0, leaf_at, 0, 0) + bytes(36))
+        set_size(image, at, 1500 * 4096)
+    fs = open_fs(image)
+    assert fs.mapped_blocks(fs.lookup("/f")) == fs.mapped_blocks(fs.lookup("/d/keep")) == 1500
+    result = Restorer(fs).restore(fs.inode(2), str(tmp_path / "out"))
+    assert result.files == 1 and len(result.errors) == 1, result.errors
+    assert "more than the filesystem's 2048: blocks are shared" in result.errors[0]
+
+
 def test_an_extent_node_of_the_wrong_depth_is_corrupt(tmp_path):
     image = small_ext4(tmp_path)
     at = inode_at(image, "/f")

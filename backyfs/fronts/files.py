@@ -128,6 +128,8 @@ class Restorer:
         self.top: str | None = None
         self.dirs_seen: set[int] = set()  # ext4 has no directory hard links: a repeat is a loop
         self.link_sources: dict[int, tuple[int, int]] = {}  # inode -> (open fd, names still to come)
+        self.blocks_copied = 0  # no two files share a block: more than the filesystem holds is a bomb
+        self.inodes_copied: set[int] = set()
 
     def restore(self, inode: Inode, dest: str, into_existing: bool = False) -> RestoreResult:
         """Copy INODE to DEST; into_existing: DEST is an existing directory to fill (the root).
@@ -238,6 +240,12 @@ class Restorer:
         return mode
 
     def _copy(self, inode: Inode, fd: int) -> int:
+        if inode.ino not in self.inodes_copied:  # (a copy again, of a hard link past the limit, is fine)
+            self.inodes_copied.add(inode.ino)
+            self.blocks_copied += self.fs.mapped_blocks(inode)
+            if self.blocks_copied > self.fs.blocks_count:
+                raise ExtError(f"the files restored so far map {self.blocks_copied} blocks, more than the "
+                               f"filesystem's {self.fs.blocks_count}: blocks are shared (corrupt)")
         written = 0
         for offset, data in self.fs.ranges(inode):
             view = memoryview(data)
