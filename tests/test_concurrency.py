@@ -244,3 +244,24 @@ def test_rebuild_db_waits_for_a_backup_still_taking_its_snapshot(repo_env: RepoE
         held.close()
     repo_env.ok("rebuild-db")
     assert [v["volume"] for v in repo_env.versions()] == ["vm"]
+
+
+def test_a_hung_holder_of_the_versions_lock_is_named_not_waited_for_ever(
+        repo_env: RepoEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+    import os
+
+    import backyfs.repository.repo as repo_module
+
+    uid = repo_env.backup(write_image(tmp_path / "img", ["rand"]), "vm")["uid"]
+    lock = repo_env.data_dir / "locks" / ".versions.lock"
+    held = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a process stopped while it held it (kill -STOP)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(repo_module, "VERSIONS_LOCK_WAIT", 0.5)
+            res = repo_env.call("label", uid, "a=b")
+    finally:
+        os.close(held)
+    assert res.rc == 1 and f"versions lock for 0.5 s (a stopped process? fuser -v {lock})" in res.err, res.err
+    repo_env.ok("label", uid, "a=b")  # released: it goes through

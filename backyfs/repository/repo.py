@@ -11,10 +11,11 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import IO
 
-from backyfs.errors import AlreadyRunning, BackyfsError, CorruptObject, NotFound, ObjectMissing
+from backyfs.errors import AlreadyRunning, BackyfsError, CorruptObject, NotFound, ObjectMissing, StateError
 from backyfs.fsutil import makedirs_private
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import MetadataDB, Version
@@ -98,6 +99,26 @@ def open_lock_file(db_path: str, name: str) -> int:
     lock_dir = os.path.join(os.path.dirname(os.path.abspath(db_path)), "locks")
     makedirs_private(lock_dir)
     return os.open(os.path.join(lock_dir, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+VERSIONS_LOCK_WAIT = 300.0  # it is held for one version's metadata change: minutes means hung
+
+
+def _flock_waiting(fd: int, db_path: str, timeout: float) -> None:
+    """An exclusive flock, waited for up to TIMEOUT: a holder hung for good (a stopped process, a
+    dead store it keeps retrying) makes every command that needs it say so, instead of hanging too."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                lock = os.path.join(os.path.dirname(os.path.abspath(db_path)), "locks", ".versions.lock")
+                raise StateError(f"another backyfs command has held this repository's versions lock for "
+                                 f"{timeout:g} s (a stopped process? fuser -v {lock})") from None
+            time.sleep(0.05)
 
 
 def lock_volume(db_path: str, volume: str) -> IO[str]:
@@ -203,7 +224,7 @@ class Repository:
             outer = self._versions_lock_fd is None
             if outer:
                 fd = self.open_lock_file(".versions.lock")
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                _flock_waiting(fd, self.db.path, VERSIONS_LOCK_WAIT)
                 self._versions_lock_fd = fd
             try:
                 yield
