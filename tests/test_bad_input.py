@@ -614,3 +614,21 @@ def test_rebuild_db_from_a_store_of_another_program_indexes_nothing(repo_env: Re
     for _ in range(2):
         repo_env.ok("gc")
     assert foreign.read_bytes() == b"someone else's"
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line(monkeypatch, capsys) -> None:
+    """Ctrl-C in the ~50 ms the command line takes to import gave a Python traceback."""
+    import sys
+
+    from backyfs.cli import entry
+
+    class Interrupted:
+        def find_spec(self, name, path=None, target=None):
+            if name == "backyfs.cli.main":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "backyfs.cli.main", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    assert entry.main() == 130
+    assert capsys.readouterr().err == "backyfs: interrupted\n"
