@@ -341,7 +341,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_rebuild_db(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     had_db = os.path.exists(cfg.db_path)
-    _refuse_while_backups_run(cfg.db_path)
+    from backyfs.repository.repo import running_backup
+
+    volume = running_backup(cfg.db_path)  # it would put its version in the database moved aside
+    if volume is not None:
+        raise BackyfsError(f"a backup of volume {volume} is running on this repository: run rebuild-db "
+                           "when none is")
     repo = open_repository(cfg)
     try:
         if repo.db.versions():
@@ -368,25 +373,6 @@ def cmd_rebuild_db(args: argparse.Namespace) -> int:
     if result["damaged"]:
         raise DataProblem(f"{len(result['damaged'])} damaged version(s): " + "; ".join(result["damaged"]))
     return 0
-
-
-def _refuse_while_backups_run(db_path: str) -> None:
-    """A backup holds its volume's lock from before its snapshot on (the activity lock only once it
-    writes): one running now would put its version in the database moved aside."""
-    import fcntl
-
-    lock_dir = os.path.join(os.path.dirname(os.path.abspath(db_path)), "locks")
-    try:
-        names = sorted(n for n in os.listdir(lock_dir) if n.endswith(".lock") and not n.startswith("."))
-    except FileNotFoundError:
-        return
-    for name in names:
-        with open(os.path.join(lock_dir, name)) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise BackyfsError(f"a backup of volume {name[:-5]} is running on this repository: run "
-                                   "rebuild-db when none is") from None
 
 
 def _number(text: str) -> float:

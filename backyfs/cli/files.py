@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from backyfs.cli.commands import DataProblem, _print_json
 from backyfs.config import load_config, require_repository
 from backyfs.errors import BackyfsError
-from backyfs.fronts.extfs import corrupt_is_exterror
+from backyfs.fronts.extfs import ExtError, corrupt_is_exterror
 
 SPEC_HELP = "VERSION, or VERSION:partN for a partition (as in the FUSE tree: part1, part5, ...)"
 RESTORE_FILE_HELP = """\
@@ -156,8 +156,6 @@ def _listing(fs, path: str) -> list[dict]:
 def _row(fs, name: str, inode_or_ino) -> dict:
     """One entry; one that cannot be read (a bad inode number, a damaged symlink) is listed as such
     instead of failing the whole listing."""
-    from backyfs.fronts.extfs import ExtError
-
     try:
         inode = fs.inode(inode_or_ino) if isinstance(inode_or_ino, int) else inode_or_ino
         target = os.fsdecode(fs.readlink(inode)) if inode.is_link else None

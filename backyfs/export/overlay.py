@@ -55,9 +55,7 @@ class Overlay:
         self.version_uid, self.name = version_uid, name
         self.size, self.block_size = size, block_size
         self.block_count = -(-size // block_size)
-        busy = (f"overlay {name} of {version_uid} is in use by a running server (a writable serve or "
-                "mount: stop or unmount it first)")
-        self._lock_fd = _lock_overlay_dir(self.path, busy)
+        self._lock_fd = _lock_overlay_dir(self.path, _in_use(version_uid, name))
         fds: list[int] = []
         try:
             self._write_meta()
@@ -181,6 +179,11 @@ def _load_state(state_fd: int, live_fd: int, block_count: int) -> bytearray:
     return bytearray(raw.ljust(block_count, b"\0")[:block_count])
 
 
+def _in_use(version_uid: str, name: str) -> str:
+    return (f"overlay {name} of {version_uid} is in use by a running server (a writable serve or mount: "
+            "stop or unmount it first)")
+
+
 def _lock_overlay_dir(path: str, busy: str) -> int:
     """Lock the overlay directory at path (made if missing); returns the lock's fd. A discard may
     rename the directory away between our open and our lock: then lock the new one instead."""
@@ -252,8 +255,7 @@ def discard_overlay(root: str, version_uid: str, name: str) -> None:
     path = os.path.join(root, version_uid, check_overlay_name(name))
     if not os.path.isdir(path):
         raise NotFound(f"no overlay {name!r} for version {version_uid}")
-    fd = _lock_overlay_dir(path, f"overlay {name} of {version_uid} is in use by a running server (a "
-                                 "writable serve or mount: stop or unmount it first)")
+    fd = _lock_overlay_dir(path, _in_use(version_uid, name))
     try:  # locked until it is gone: a server opening it meanwhile gets a new, empty one
         _remove_tree(path)
     finally:

@@ -94,11 +94,15 @@ def stored_versions(store: ObjectStore) -> tuple[set[str], set[str]]:
     return with_meta, any_key - with_meta
 
 
+def lock_path(db_path: str, name: str = "") -> str:
+    """DB_DIR/locks/NAME, where the repository's flock files live (the directory without NAME)."""
+    return os.path.join(os.path.dirname(os.path.abspath(db_path)), "locks", name)
+
+
 def open_lock_file(db_path: str, name: str) -> int:
     """An fd of DB_DIR/locks/NAME for flock: the locks die with the process, kill -9 included."""
-    lock_dir = os.path.join(os.path.dirname(os.path.abspath(db_path)), "locks")
-    makedirs_private(lock_dir)
-    return os.open(os.path.join(lock_dir, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    makedirs_private(lock_path(db_path))
+    return os.open(lock_path(db_path, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
 VERSIONS_LOCK_WAIT = 300.0  # it is held for one version's metadata change: minutes means hung
@@ -115,9 +119,9 @@ def _flock_waiting(fd: int, db_path: str, timeout: float) -> None:
         except BlockingIOError:
             if time.monotonic() > deadline:
                 os.close(fd)
-                lock = os.path.join(os.path.dirname(os.path.abspath(db_path)), "locks", ".versions.lock")
                 raise StateError(f"another backyfs command has held this repository's versions lock for "
-                                 f"{timeout:g} s (a stopped process? fuser -v {lock})") from None
+                                 f"{timeout:g} s (a stopped process? fuser -v "
+                                 f"{lock_path(db_path, '.versions.lock')})") from None
             time.sleep(0.05)
 
 
@@ -132,6 +136,24 @@ def lock_volume(db_path: str, volume: str) -> IO[str]:
         os.close(fd)
         raise AlreadyRunning(f"a backup of volume {volume} is already running") from None
     return os.fdopen(fd)
+
+
+def running_backup(db_path: str) -> str | None:
+    """The volume of a backup running on the repository, if any: it holds its volume's lock from
+    before its snapshot on (the activity lock only once it writes)."""
+    try:
+        names = sorted(n for n in os.listdir(lock_path(db_path)) if n.endswith(".lock") and n[0] != ".")
+    except FileNotFoundError:
+        return None
+    for name in names:
+        fd = os.open(lock_path(db_path, name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return name[: -len(".lock")]
+        finally:
+            os.close(fd)
+    return None
 
 
 class Repository:
