@@ -14,7 +14,6 @@ from backyfs.cli.commands import (
     _percent,
     _print_json,
     _repo,
-    load_config,
 )
 from backyfs.cli.progress import Progress
 from backyfs.errors import NotFound, StateError
@@ -33,10 +32,10 @@ def cmd_scrub(args: argparse.Namespace) -> int:
 
     if not 0 < args.percent <= 100:
         raise UsageError("--percent must be in (0, 100]")
-    repo = _repo(args)
+    cfg, repo = _config_and_repo(args)
     versions = _scrub_versions(repo, args)
     deep = args.command == "deep-scrub"
-    result = scrub(repo, versions, deep=deep, percent=args.percent, threads=load_config(args.config).threads,
+    result = scrub(repo, versions, deep=deep, percent=args.percent, threads=cfg.threads,
                    progress=Progress(args.command, unit="objects"))
     for line in result.findings:
         print(f"backyfs: {line}", file=sys.stderr)
