@@ -70,25 +70,26 @@ class FilesystemStore(ObjectStore):
             reason = "store is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
             raise StoreUnavailable(f"cannot write {key} to {self.url}: {reason}") from None
 
-    def _open_object(self, key: str) -> int:
-        """A read-only descriptor of key's file. Something else in its place (a directory, a FIFO that
-        would block the open or read for ever, a device) is a corrupt object, not a dead store."""
+    def _open_object(self, key: str) -> tuple[int, int]:
+        """A read-only descriptor of key's file and its size. Something else in its place (a
+        directory, a FIFO that would block the open or read for ever, a device) is a corrupt object,
+        not a dead store."""
         try:
             fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise ObjectMissing(f"object {key} is missing from {self.url}") from None
         except IsADirectoryError:
-            fd = None
+            raise CorruptObject(f"{key}: not a regular file in {self.url}") from None
         except OSError as exc:
             raise StoreUnavailable(f"cannot read {key} from {self.url}: {exc.strerror}") from None
-        if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
-            return fd
-        if fd is not None:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-        raise CorruptObject(f"{key}: not a regular file in {self.url}")
+            raise CorruptObject(f"{key}: not a regular file in {self.url}")
+        return fd, st.st_size
 
     def get(self, key: str) -> bytes:
-        fd = self._open_object(key)
+        fd, _size = self._open_object(key)
         try:
             with open(fd, "rb", closefd=True) as f:
                 return f.read()
@@ -100,9 +101,8 @@ class FilesystemStore(ObjectStore):
         read: the pages stay the page cache's, so a memory cache of blocks grows no anonymous memory
         (whose first touch is slow on VMs) and nothing is copied. Objects are never modified in
         place (written by rename, removed by unlink), so a mapping stays valid as long as it lives."""
-        fd = self._open_object(key)
+        fd, size = self._open_object(key)
         try:
-            size = os.fstat(fd).st_size
             if size <= head:  # too short to hold a payload: the caller reports the truncation
                 return os.pread(fd, head, 0), b""
             # MAP_POPULATE reads and maps every page in one call instead of a fault per page.
