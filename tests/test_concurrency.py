@@ -231,7 +231,7 @@ def test_a_writable_export_made_while_prune_runs_orphans_nothing(repo_env: RepoE
 def test_rebuild_db_waits_for_a_backup_still_taking_its_snapshot(repo_env: RepoEnv, tmp_path: Path) -> None:
     """A backup holds only its volume's lock while it snapshots (and runs its hooks); rebuild-db
     missed it, and a refused rebuild-db left an empty database that looked like the repository."""
-    from backyfs.repository.repo import lock_volume
+    from backyfs.repository.locks import lock_volume
 
     repo_env.backup(write_image(tmp_path / "a.img", ["rand"]), "vm")
     held = lock_volume(str(repo_env.db_path), "vm")

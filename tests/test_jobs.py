@@ -97,7 +97,7 @@ def test_a_job_with_bad_args_is_a_failed_run(tmp_path, capsys):
 def test_an_overlapping_start_refused_is_not_the_jobs_last_run(tmp_path, capsys):
     """A second start while the job runs (a timer and a hand) is refused, and was then recorded as
     the job's newest run, failed: the monitor alarmed although the running backup succeeded."""
-    from backyfs.repository.repo import lock_volume
+    from backyfs.repository.locks import lock_volume
 
     image = tmp_path / "disk.img"
     image.write_bytes(os.urandom(MiB))

@@ -109,7 +109,7 @@ def _open_backup(args: argparse.Namespace):
     volume_lock = None
     try:
         opening.wait_loaded()
-        from backyfs.repository.repo import check_volume_name, lock_volume
+        from backyfs.repository.locks import check_volume_name, lock_volume
 
         cfg = load_config(args.config)
         volume = check_volume_name(args.volume)
@@ -341,7 +341,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_rebuild_db(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     had_db = os.path.exists(cfg.db_path)
-    from backyfs.repository.repo import running_backup
+    from backyfs.repository.locks import running_backup
 
     volume = running_backup(cfg.db_path)  # it would put its version in the database moved aside
     if volume is not None:

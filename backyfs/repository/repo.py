@@ -13,19 +13,17 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import IO
 
-from backyfs.errors import AlreadyRunning, BackyfsError, CorruptObject, NotFound, ObjectMissing, StateError
-from backyfs.fsutil import makedirs_private
+from backyfs.errors import CorruptObject, NotFound, ObjectMissing, StateError
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import MetadataDB, Version
 from backyfs.repository import mapstore
+from backyfs.repository.locks import UID_RE as _UID_RE
+from backyfs.repository.locks import lock_path, open_lock_file
 from backyfs.storage import codec
 from backyfs.storage.base import ObjectStore
 
 DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
-_VOLUME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_UID_RE = re.compile(r"^[0-9a-f]{12}$")
 
 
 def _hashlib_digest(data: bytes | memoryview) -> bytes:
@@ -69,13 +67,6 @@ def digest_from_key(key: str) -> bytes | None:
     return None
 
 
-def check_volume_name(volume: str) -> str:
-    if not _VOLUME_RE.match(volume) or _UID_RE.match(volume):
-        raise BackyfsError(f"invalid volume name {volume!r}: use letters, digits, '.', '_' and '-' "
-                           "(up to 128, not 12 hex digits, which look like a version uid)")
-    return volume
-
-
 def new_uid() -> str:
     return secrets.token_hex(6)
 
@@ -92,17 +83,6 @@ def stored_versions(store: ObjectStore) -> tuple[set[str], set[str]]:
             if parts[2] == "meta.json":
                 with_meta.add(parts[1])
     return with_meta, any_key - with_meta
-
-
-def lock_path(db_path: str, name: str = "") -> str:
-    """DB_DIR/locks/NAME, where the repository's flock files live (the directory without NAME)."""
-    return os.path.join(os.path.dirname(os.path.abspath(db_path)), "locks", name)
-
-
-def open_lock_file(db_path: str, name: str) -> int:
-    """An fd of DB_DIR/locks/NAME for flock: the locks die with the process, kill -9 included."""
-    makedirs_private(lock_path(db_path))
-    return os.open(lock_path(db_path, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
 VERSIONS_LOCK_WAIT = 300.0  # it is held for one version's metadata change: minutes means hung
@@ -123,37 +103,6 @@ def _flock_waiting(fd: int, db_path: str, timeout: float) -> None:
                                  f"{timeout:g} s (a stopped process? fuser -v "
                                  f"{lock_path(db_path, '.versions.lock')})") from None
             time.sleep(0.05)
-
-
-def lock_volume(db_path: str, volume: str) -> IO[str]:
-    """One backup per volume at a time on a repository: a second one would resume the first's
-    pending version under its feet (and an RBD one remove its snapshot). Closing the returned
-    file releases the lock; so does the process's death, kill -9 included."""
-    fd = open_lock_file(db_path, f"{volume}.lock")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AlreadyRunning(f"a backup of volume {volume} is already running") from None
-    return os.fdopen(fd)
-
-
-def running_backup(db_path: str) -> str | None:
-    """The volume of a backup running on the repository, if any: it holds its volume's lock from
-    before its snapshot on (the activity lock only once it writes)."""
-    try:
-        names = sorted(n for n in os.listdir(lock_path(db_path)) if n.endswith(".lock") and n[0] != ".")
-    except FileNotFoundError:
-        return None
-    for name in names:
-        fd = os.open(lock_path(db_path, name), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return name[: -len(".lock")]
-        finally:
-            os.close(fd)
-    return None
 
 
 class Repository:

@@ -20,12 +20,12 @@ from backyfs.errors import BackyfsError, SourceError
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import Version
 from backyfs.repository.extents import Extent, blocks_touched
+from backyfs.repository.locks import lock_volume
 from backyfs.repository.repo import (
     DEFAULT_BLOCK_SIZE,
     Repository,
     block_digest,
     block_key,
-    lock_volume,
     new_uid,
 )
 from backyfs.storage.ratelimit import TokenBucket

@@ -1,0 +1,64 @@
+"""The repository's flock files and volume names: light (no SQLite, zstd or libsodium), so that a
+backup takes its volume's lock, and with it its RBD snapshot, before the repository modules load."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from typing import IO
+
+from backyfs.errors import AlreadyRunning, BackyfsError
+from backyfs.fsutil import makedirs_private
+
+_VOLUME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+UID_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+def check_volume_name(volume: str) -> str:
+    if not _VOLUME_RE.match(volume) or UID_RE.match(volume):
+        raise BackyfsError(f"invalid volume name {volume!r}: use letters, digits, '.', '_' and '-' "
+                           "(up to 128, not 12 hex digits, which look like a version uid)")
+    return volume
+
+
+def lock_path(db_path: str, name: str = "") -> str:
+    """DB_DIR/locks/NAME, where the repository's flock files live (the directory without NAME)."""
+    return os.path.join(os.path.dirname(os.path.abspath(db_path)), "locks", name)
+
+
+def open_lock_file(db_path: str, name: str) -> int:
+    """An fd of DB_DIR/locks/NAME for flock: the locks die with the process, kill -9 included."""
+    makedirs_private(lock_path(db_path))
+    return os.open(lock_path(db_path, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def lock_volume(db_path: str, volume: str) -> IO[str]:
+    """One backup per volume at a time on a repository: a second one would resume the first's
+    pending version under its feet (and an RBD one remove its snapshot). Closing the returned
+    file releases the lock; so does the process's death, kill -9 included."""
+    fd = open_lock_file(db_path, f"{volume}.lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"a backup of volume {volume} is already running") from None
+    return os.fdopen(fd)
+
+
+def running_backup(db_path: str) -> str | None:
+    """The volume of a backup running on the repository, if any: it holds its volume's lock from
+    before its snapshot on (the activity lock only once it writes)."""
+    try:
+        names = sorted(n for n in os.listdir(lock_path(db_path)) if n.endswith(".lock") and n[0] != ".")
+    except FileNotFoundError:
+        return None
+    for name in names:
+        fd = os.open(lock_path(db_path, name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return name[: -len(".lock")]
+        finally:
+            os.close(fd)
+    return None
