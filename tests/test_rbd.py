@@ -308,6 +308,43 @@ def _tagged(repo_env: RepoEnv, volume: str) -> str:
     return snapshot_prefix(f"{os.path.abspath(repo_env.db_path)}\0{volume}")
 
 
+def test_old_snapshots_removed_beside_the_new_one_never_include_it(rbd_pool: RbdPool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old snapshots' removal starts while the new snapshot is being taken: a listing that
+    already holds the new one (forced here) must not remove it; a stale one of the volume goes."""
+    import time
+
+    from backyfs.sources import rbd as rbd_mod
+    from backyfs.sources import start_source
+
+    monkeypatch.setenv("CEPH_CONF", rbd_pool.conf)
+    image = rbd_pool.create("beside", 8 * MiB)
+    prefix = rbd_mod.snapshot_prefix("test-db\0vm")
+    stale = prefix + "stale"
+    with rbd_pool.image(image) as img:
+        img.create_snap(stale)
+    drop = rbd_mod.RbdSource._drop_snapshots
+
+    def drop_once_taken(self: Any, owned: set[str], keep: set[str]) -> None:
+        deadline = time.monotonic() + 30
+        while self.snapshot not in {s["name"] for s in self.head.list_snaps()}:
+            assert time.monotonic() < deadline, "the snapshot was never taken"
+            time.sleep(0.01)
+        drop(self, owned, keep)
+
+    monkeypatch.setattr(rbd_mod.RbdSource, "_drop_snapshots", drop_once_taken)
+    opening = start_source(rbd_pool.spec(image))
+    opening.snapshot(prefix)
+    opening.drop_old_snapshots(set(), set())
+    source = opening.result()
+    try:
+        source._dropping.join(timeout=60)
+        assert rbd_pool.backyfs_snapshots(image) == [source.snapshot]
+    finally:
+        source.discard_snapshot()
+        source.close()
+
+
 def test_two_repositories_backing_up_one_image_keep_their_own_snapshots(repo_env: RepoEnv,
                                                                          rbd_pool: RbdPool,
                                                                          tmp_path: Path) -> None:

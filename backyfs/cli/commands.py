@@ -123,6 +123,8 @@ def _open_backup(args: argparse.Namespace):
             raise UsageError(f"a new volume named with hex digits only ({volume!r}) would hide the "
                              f"versions whose uids start so: add another letter, e.g. {volume}-disk")
         parent = _choose_parent(repo, args, volume)
+        if takes_snapshots(args.source):  # beside the snapshot being taken: see sources.rbd
+            opening.drop_old_snapshots(*_old_snapshots(repo, volume, parent))
         hints = None
         if args.hints:
             from backyfs.repository.extents import load_hints
@@ -144,12 +146,16 @@ def _open_backup(args: argparse.Namespace):
             source.close()
             volume_lock.close()
             raise
-        # This volume's snapshots no valid version may diff from any more go while it reads.
-        latest = repo.latest_valid(volume)
-        owned = {v.snapshot for v in repo.db.versions(volume=volume) if v.snapshot}
-        keep = {v.snapshot for v in (parent, latest) if v is not None and v.snapshot}
-        source.drop_old_snapshots(owned, keep)
     return cfg, volume, repo, parent, source, hints, volume_lock
+
+
+def _old_snapshots(repo, volume: str, parent) -> tuple[set[str], set[str]]:
+    """(owned, keep): the snapshots of the volume's versions, and those a backup may still diff
+    from (the parent's and the latest valid version's), which stay."""
+    latest = repo.latest_valid(volume)
+    owned = {v.snapshot for v in repo.db.versions(volume=volume) if v.snapshot}
+    keep = {v.snapshot for v in (parent, latest) if v is not None and v.snapshot}
+    return owned, keep
 
 
 def _snapshot_prefix(cfg, volume: str) -> str:

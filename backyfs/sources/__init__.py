@@ -27,8 +27,10 @@ class OpeningSource:
     taking the snapshot: mostly waiting on the cluster with the GIL released, so it overlaps the
     caller opening the repository. The snapshot waits until the caller calls snapshot(): it has
     checked its arguments (pre/post-snapshot commands act on the VM, e.g. freeze its filesystems),
-    holds the volume's lock, and names the snapshot's owner. abandon() removes a snapshot taken
-    when the backup does not go on. A file source opens on result(), in the caller's thread."""
+    holds the volume's lock, and names the snapshot's owner. drop_old_snapshots() starts removing
+    old ones beside the snapshot's creation (the monitors take both in one round). abandon()
+    removes a snapshot taken when the backup does not go on. A file source opens on result(), in
+    the caller's thread."""
 
     def __init__(self, spec: str, pre_cmd: str | None, post_cmd: str | None) -> None:
         self.spec, self.pre_cmd, self.post_cmd = spec, pre_cmd, post_cmd
@@ -38,6 +40,9 @@ class OpeningSource:
         self._prefix: str | None = None  # of the snapshot's name, set by snapshot()
         self._cancelled = False
         self._loaded = threading.Event()  # the thread has loaded librados and librbd
+        self._named = threading.Event()  # the source is open and named (or will never be)
+        self._opened: Any = None  # the source from then on, until the thread closes it on failure
+        self._closing = threading.Lock()  # drop_old_snapshots() must not start on a closed source
         self._thread: threading.Thread | None = None
         if takes_snapshots(spec):
             self._thread = threading.Thread(target=self._open, name="open-source")
@@ -46,6 +51,12 @@ class OpeningSource:
             self._loaded.set()
 
     def _open(self) -> None:
+        try:
+            self._open_and_snapshot()
+        finally:
+            self._named.set()  # drop_old_snapshots() waits for it, whatever happened
+
+    def _open_and_snapshot(self) -> None:
         try:
             import rbd  # noqa: F401  (and rados)
         except ImportError:  # open_source says so, in a sentence
@@ -64,9 +75,13 @@ class OpeningSource:
                 raise RuntimeError("abandoned before the snapshot")
             if self._prefix:
                 source.snap_prefix = self._prefix
+            self._opened = source
+            self._named.set()
             source.take_snapshot()
         except BaseException as exc:
-            source.close()
+            with self._closing:
+                self._opened = None
+                source.close()  # joins a removal drop_old_snapshots() started
             self._error = exc
             return
         self._source = source
@@ -82,6 +97,16 @@ class OpeningSource:
         open, named with prefix (rbd.snapshot_prefix) when given."""
         self._prefix = prefix or self._prefix
         self._go.set()
+
+    def drop_old_snapshots(self, owned: set[str], keep: set[str]) -> None:
+        """Start removing the volume's old snapshots (RbdSource.drop_old_snapshots) as soon as the
+        source is open, while its own snapshot is being taken; call it after snapshot()."""
+        if self._thread is None:
+            return
+        self._named.wait()
+        with self._closing:
+            if self._opened is not None:
+                self._opened.drop_old_snapshots(owned, keep)
 
     def result(self) -> Any:
         """The open source, snapshotted if it snapshots; raises what opening it raised."""
