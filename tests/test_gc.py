@@ -64,7 +64,7 @@ def test_gc_waits_for_a_backup_that_started_before_condemnation(tmp_path):
     repo = _repo(tmp_path)
     a = os.urandom(4 * MiB)
     v1 = _backup(repo, _image(tmp_path / "img", [a]))
-    # A backup that is running: it loaded the digest set (with a) before gc condemns a.
+    # A backup that is running: it started before gc condemns a, so it may count a as stored.
     running = Version(uid="0123456789ab", volume="other", created=time.time(), size=4 * MiB,
                       block_size=4 * MiB, heartbeat=time.time())
     repo.db.add_version(running)
@@ -93,6 +93,39 @@ def test_condemned_block_is_written_again_by_a_new_backup(tmp_path):
     v2 = _backup(repo, _image(tmp_path / "img", [a]))
     assert v2.stats["bytes_new"] == 4 * MiB  # not deduplicated against a condemned block
     assert collect_garbage(repo).deleted == 0
+
+
+def test_a_backup_counts_blocks_stored_or_condemned_after_it_started(tmp_path, monkeypatch):
+    """A backup looks digests up in the index as it goes (it does not load the index whole): a
+    block another backup recorded while it ran, and one a gc condemned after it started (gc keeps
+    those while it runs), are both counted as stored, not written again; gc then revives the
+    condemned one, which the new version references."""
+    repo = _repo(tmp_path)
+    a, b, c = (os.urandom(4 * MiB) for _ in range(3))
+    repo.delete_version(_backup(repo, _image(tmp_path / "old", [a]), volume="old"))
+    real_write = type(repo).write_block
+    meanwhile: list[object] = []
+
+    def write_then_others(self, digest, data):  # after this backup stored b, before it reads a, c
+        size = real_write(self, digest, data)
+        if not meanwhile:
+            meanwhile.append(collect_garbage(repo))  # condemns a (deletes nothing: a backup runs)
+            meanwhile.append(_backup(repo, _image(tmp_path / "other", [c]), volume="other"))
+        return size
+
+    monkeypatch.setattr(type(repo), "write_block", write_then_others)
+    source = FileSource(_image(tmp_path / "img", [b, a, c]))
+    try:
+        version = BackupWriter(repo, source, "vol", threads=1).run()
+    finally:
+        source.close()
+    assert meanwhile[0].condemned == 1 and meanwhile[0].deleted == 0
+    assert version.stats["bytes_new"] == 4 * MiB and version.stats["bytes_dedup"] == 8 * MiB
+    after = collect_garbage(repo)
+    assert after.revived == 1 and after.deleted == 0
+    out = tmp_path / "out"
+    restore(repo, version, FileTarget(str(out), version.size))
+    assert out.read_bytes() == b + a + c
 
 
 def test_retention_keeps_last_daily_and_protected():

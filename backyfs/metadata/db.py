@@ -261,9 +261,17 @@ class MetadataDB:
                 "UPDATE blocks SET state = 'condemned', condemned = ? WHERE digest = ?",
                 [(now, d) for d in digests])
 
-    def known_digests(self) -> set[bytes]:
+    def stored_for(self, digest: bytes, since: float) -> bool:
+        """Whether a backup whose version was created at `since` may count digest as stored: it is
+        'ok', or a gc condemned it after that, and gc deletes no block condemned after a live
+        backup started (repository/gc.py). One that was condemned before is written again."""
         with self.lock:
-            return {r[0] for r in self.conn.execute("SELECT digest FROM blocks WHERE state = 'ok'")}
+            row = self.conn.execute("SELECT state, condemned FROM blocks WHERE digest = ?",
+                                    (digest,)).fetchone()
+        if row is None:
+            return False
+        state, condemned = row
+        return state == "ok" or (state == "condemned" and condemned is not None and condemned >= since)
 
     def block_info(self, digests: Iterable[bytes]) -> dict[bytes, tuple[int, str]]:
         out: dict[bytes, tuple[int, str]] = {}

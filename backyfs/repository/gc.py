@@ -1,7 +1,8 @@
 """Garbage collection of blocks no version references, safe while backups run.
 
-A running backup decides "already stored" from the set of digests it loaded when it started, so a
-block must not vanish between that moment and the backup's end. gc therefore works in two phases:
+A running backup counts a block as "already stored" when the index names it 'ok', or condemned
+after the backup started (MetadataDB.stored_for), so a block must not vanish between that moment
+and the backup's end. gc therefore works in two phases:
 1. condemn: blocks no block map references are marked 'condemned'. Backups that start later no
    longer count them as stored (they write them again, which revives them).
 2. delete, on a later run: a condemned block still unreferenced is deleted only while no backup

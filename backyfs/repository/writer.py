@@ -96,8 +96,11 @@ class BackupWriter:
         self.progress = progress
         self.stats = BackupStats(bytes_total=source.size)
         self.lock = threading.Lock()
+        # Digests known stored: this run's, and those the index named usable when looked up (see
+        # _is_stored). The index is not loaded whole: 2.5M blocks (10 TiB) took 1.6 s and 250 MB.
         self.known: set[bytes] = set()
         self.in_flight: set[bytes] = set()
+        self.since = 0.0  # when the version was created: see MetadataDB.stored_for
         self.unrecorded: list[tuple[bytes, int]] = []  # stored but not yet flushed + recorded
         self.zero = bytes(self.block_size)
 
@@ -117,11 +120,11 @@ class BackupWriter:
         started = time.monotonic()
         version = self._open_version()
         self.uid = version.uid
+        self.since = version.created
         self.repo.db.update_version(version.uid, heartbeat=time.time())
-        self.known = self.repo.db.known_digests()
-        log.debug("%s version %s of %s (parent %s, %d bytes in %d-byte blocks; %d blocks stored)",
+        log.debug("%s version %s of %s (parent %s, %d bytes in %d-byte blocks)",
                   "resuming" if self.resumed else "new", version.uid, self.volume, version.parent,
-                  self.source.size, self.block_size, len(self.known))
+                  self.source.size, self.block_size)
         plan = self._plan()
         log.debug("reading %d blocks (%d of them a sample of unchanged ones to check the diff), "
                   "%d taken from the parent", len(plan.to_read), len(plan.sample),
@@ -301,11 +304,7 @@ class BackupWriter:
             self._count(bytes_read=length, bytes_sparse=length)
             return block_idx, None
         digest = block_digest(data)
-        with self.lock:
-            new = digest not in self.known and digest not in self.in_flight
-            if new:
-                self.in_flight.add(digest)
-        if not new:
+        if not self._claim(digest):
             self._count(bytes_read=length, bytes_dedup=length)
             return block_idx, digest
         stored = self.repo.write_block(digest, data)
@@ -315,6 +314,21 @@ class BackupWriter:
             self.unrecorded.append((digest, stored))
         self._count(bytes_read=length, bytes_new=length, bytes_stored=stored)
         return block_idx, digest
+
+    def _claim(self, digest: bytes) -> bool:
+        """True if this thread is to store digest: neither stored (by this run, or usable in the
+        index) nor being stored by another thread. A thread that finds it in flight counts it as
+        stored: the run fails if that store fails."""
+        with self.lock:
+            if digest in self.known or digest in self.in_flight:
+                return False
+            self.in_flight.add(digest)
+        if not self.repo.db.stored_for(digest, self.since):
+            return True
+        with self.lock:
+            self.in_flight.discard(digest)
+            self.known.add(digest)
+        return False
 
     def _count(self, **amounts: int) -> None:
         with self.lock:
