@@ -33,6 +33,7 @@ from backyfs.export.service import ExportService  # noqa: E402
 
 API_VERSION = 2
 HOLE = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+MAX_EXPORTS = 10_000  # nbdkit_add_export refuses more ("too many exports"), failing the whole list
 
 _params: dict[str, str] = {"overlay": "default"}
 _service: ExportService | None = None
@@ -107,7 +108,11 @@ def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
     exports = _service.list_exports()
     if _allowed_names:
         exports = [(n, d) for n, d in exports if n in _allowed_names or n in _allowed_uids]
-    return exports
+    if len(exports) > MAX_EXPORTS:  # one more and nbdkit lists nothing at all
+        logging.getLogger("backyfs.nbd").warning(
+            "listing %d of %d exports (volumes first, then the newest versions): nbdkit lists at most "
+            "%d; every version can still be opened by its uid", MAX_EXPORTS, len(exports), MAX_EXPORTS)
+    return exports[:MAX_EXPORTS]
 
 
 def default_export(readonly: bool, is_tls: bool) -> str:

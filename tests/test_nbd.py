@@ -96,6 +96,31 @@ def test_list_exports_and_default(bk, image, uid, tmp_path):
     assert int(proc.stdout) == BS  # one allowed name: it is the default
 
 
+def test_more_exports_than_nbdkit_lists(bk, image, uid):
+    """nbdkit lists at most 10,000 exports and lists none at all past that: backyfs lists the
+    volumes first, then the newest versions; an older version still opens by its uid."""
+    import secrets
+
+    from backyfs.metadata.db import MetadataDB, Version
+
+    db = MetadataDB(str(bk.data_dir / "backyfs.sqlite"))
+    old = db.get_version(uid)
+    newer = [Version(uid=secrets.token_hex(6), volume="bulk", created=old.created + 1 + i, size=old.size,
+                     block_size=old.block_size, state="valid") for i in range(10_000)]
+    for version in newer:
+        db.add_version(version)
+    db.close()
+    # libnbd's own listing (nbdinfo --list would also open all 10,000 exports, one by one).
+    lister = ("import json, nbd, sys; h = nbd.NBD(); h.set_opt_mode(True); h.connect_uri(sys.argv[1]); "
+              "names = []; h.opt_list(lambda name, desc: names.append(name)); print(json.dumps(names))")
+    proc = bk.nbdkit(f"/usr/bin/python3 -c '{lister}' \"$uri\"")  # Debian's python3-libnbd
+    names = json.loads(proc.stdout)
+    assert len(names) == 10_000 and names[:2] == ["bulk", "vm1"]
+    assert names[2] == newer[-1].uid and uid not in names
+    proc = bk.nbdkit(f'nbdinfo --size "nbd+unix:///{uid}?socket=$unixsocket"')
+    assert int(proc.stdout) == image.stat().st_size
+
+
 def test_parallel_connections_match(bk, image, uid, tmp_path):
     outs = [tmp_path / f"p{i}.img" for i in range(3)]
     script = " & ".join(f'nbdcopy --connections=4 "nbd+unix:///{uid}?socket=$unixsocket" {o}' for o in outs)

@@ -48,13 +48,12 @@ class ExportService:
         return version
 
     def list_exports(self) -> list[tuple[str, str]]:
-        """(name, description): every valid version by uid, and each volume by name (its latest)."""
-        out: list[tuple[str, str]] = []
-        volumes: dict[str, Version] = {}
-        for v in self.repo.db.versions(state="valid"):
-            out.append((v.uid, f"{v.volume} version {v.uid} ({v.size} bytes)"))
-            volumes[v.volume] = v
-        out += [(vol, f"latest valid version of {vol}: {v.uid}") for vol, v in sorted(volumes.items())]
+        """(name, description): each volume by name (its latest valid version), then every valid
+        version by uid, newest first: a front that can list only so many keeps the likeliest."""
+        versions = self.repo.db.versions(state="valid")
+        latest = {v.volume: v for v in versions}
+        out = [(vol, f"latest valid version of {vol}: {v.uid}") for vol, v in sorted(latest.items())]
+        out += [(v.uid, f"{v.volume} version {v.uid} ({v.size} bytes)") for v in reversed(versions)]
         return out
 
     def open(self, name: str, writable: bool = False, overlay_name: str = "default",
