@@ -112,3 +112,31 @@ def test_an_overlapping_start_refused_is_not_the_jobs_last_run(tmp_path, capsys)
     main(["--config", cfg, "jobs", "--json"])
     rows = {r["job"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["good"]["status"] == "ok"
+
+
+def test_a_jobs_old_runs_are_forgotten_but_its_last_good_one(tmp_path, capsys):
+    """Each job keeps its newest KEEP_JOB_RUNS runs and its newest successful one (what the monitor
+    reads); other jobs' runs are untouched. The monitor still tells the last good run's age."""
+    from backyfs.metadata.db import KEEP_JOB_RUNS
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(MiB))
+    cfg = _config(tmp_path, image)
+    db = open_repository(load_config(cfg)).db
+    good = db.start_job_run("good", 1)
+    db.finish_job_run(good, True, "0123456789ab", "")
+    other = db.start_job_run("broken", 1)
+    db.finish_job_run(other, False, None, "first")
+    failed = []
+    for _ in range(KEEP_JOB_RUNS + 5):
+        failed.append(db.start_job_run("good", 1))
+        db.finish_job_run(failed[-1], False, None, "disk gone")
+    with db._tx() as conn:
+        kept = [r[0] for r in conn.execute("SELECT id FROM job_runs WHERE job = 'good' ORDER BY id")]
+        assert conn.execute("SELECT count(*) FROM job_runs WHERE job = 'broken'").fetchone()[0] == 1
+    assert kept == [good, *failed[-KEEP_JOB_RUNS:]]
+    last = db.last_job_runs()["good"]
+    assert last["id"] == failed[-1] and last["last_ok"] is not None
+    assert main(["--config", cfg, "jobs", "--json"]) == 3
+    rows = {r["job"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["good"]["status"] == "failed" and rows["good"]["message"] == "disk gone"
