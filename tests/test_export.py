@@ -470,3 +470,40 @@ def test_a_discard_killed_while_deleting_leaves_no_overlay_behind(service):
     live = root / f".discarded-other-{time.time_ns()}"
     live.mkdir()
     assert list_overlays(service.cfg.overlay_dir) == [] and live.is_dir()
+
+
+def test_extents_match_block_by_block_states(tmp_path):
+    """extents() finds runs from the map's sorted indices and the overlay's state bytes, without
+    visiting every block: it must agree with each block's own state (mapped and not trimmed, or
+    dirty: data; else a hole), for any range, aligned or not, with a partial last block."""
+    from backyfs.metadata.blockmap import BlockMap
+    from backyfs.metadata.db import Version
+
+    rng = random.Random(11)
+    block_count, size = 300, 299 * BS + 777
+    mapped = {i: os.urandom(32) for i in range(block_count) if rng.random() < 0.4}
+    version = Version(uid="feedbeef0000", volume="v", created=0.0, size=size, block_size=BS)
+    overlay = Overlay(str(tmp_path / "overlays"), version.uid, "default", size, BS)
+    for i in rng.sample(range(block_count), 60):
+        overlay.trim_block(i) if rng.random() < 0.5 else overlay._set_state(i, DIRTY)
+    dev = ExportDevice(version, BlockMap.from_mapping(size, BS, mapped), fetcher=None, overlay=overlay)
+
+    def is_data(i: int) -> bool:
+        state = overlay.block_state(i)
+        return state == DIRTY if state != CLEAN else i in mapped
+
+    for _ in range(400):
+        offset = rng.randrange(size)
+        length = rng.randrange(size - offset + 1) if rng.random() < 0.5 else rng.randrange(3 * BS)
+        length = min(length, size - offset)
+        runs = list(dev.extents(offset, length))
+        assert sum(n for _o, n, _h in runs) == length and all(n > 0 for _o, n, _h in runs)
+        assert all(a[2] != b[2] for a, b in zip(runs, runs[1:], strict=False))  # merged, alternating
+        pos = offset
+        for run_offset, run_length, hole in runs:
+            assert run_offset == pos
+            blocks = range(run_offset // BS, (run_offset + run_length - 1) // BS + 1)
+            assert all(is_data(i) != hole for i in blocks), (run_offset, run_length, hole)
+            pos += run_length
+    assert list(dev.extents(5, 0)) == []
+    overlay.close()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from backyfs.errors import CorruptObject, StateError
@@ -311,25 +312,41 @@ class ExportDevice:
 
     # --- extents --------------------------------------------------------------------------
     def extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
-        """(offset, length, is_hole) runs covering the range; holes read as zeros."""
+        """(offset, length, is_hole) runs covering the range, alternating; holes read as zeros.
+        The work follows the data in the range, not its size: a 64 TiB volume was 16M blocks
+        looked at one by one (9 s for a whole-disk `nbdinfo --map`, and for every overlay commit)."""
         self._check_range(offset, length)
-        run_start, run_hole = offset, None
-        for block_idx, start, _end in self._pieces(offset, length):
-            hole = self._is_hole(block_idx)
-            piece_start = block_idx * self.block_size + start
-            if run_hole is not None and hole != run_hole:
-                yield run_start, piece_start - run_start, run_hole
-                run_start = piece_start
-            run_hole = hole
-        if run_hole is not None:
-            yield run_start, offset + length - run_start, run_hole
+        if not length:
+            return
+        end, bs = offset + length, self.block_size
+        pos = offset
+        for first, last in self._data_runs(offset // bs, (end - 1) // bs):
+            start, stop = max(first * bs, offset), min((last + 1) * bs, end)
+            if start > pos:
+                yield pos, start - pos, True
+            yield start, stop - start, False
+            pos = stop
+        if pos < end:
+            yield pos, end - pos, True
 
-    def _is_hole(self, block_idx: int) -> bool:
-        if self.overlay is not None:
-            state = self.overlay.block_state(block_idx)
-            if state != CLEAN:
-                return state == TRIMMED
-        return self.blockmap.lookup(block_idx) is None
+    def _data_runs(self, first: int, last: int) -> Iterator[tuple[int, int]]:
+        """(first, last) block runs in [first, last] that hold data: mapped blocks the overlay has
+        not trimmed, and the overlay's dirty ones."""
+        indices = self.blockmap.indices
+        data: Iterable[int] = indices[bisect_left(indices, first) : bisect_right(indices, last)]
+        changed = self.overlay.changed_in(first, last + 1) if self.overlay is not None else {}
+        if changed:
+            dirty = {b for b, state in changed.items() if state == DIRTY}
+            data = sorted({b for b in data if b not in changed} | dirty)
+        run_first = run_last = -2
+        for block_idx in data:
+            if block_idx != run_last + 1:
+                if run_last >= 0:
+                    yield run_first, run_last
+                run_first = block_idx
+            run_last = block_idx
+        if run_last >= 0:
+            yield run_first, run_last
 
     # --- helpers --------------------------------------------------------------------------
     def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:

@@ -30,6 +30,7 @@ from backyfs.errors import BackyfsError, NotFound, StateError
 from backyfs.fsutil import makedirs_private
 
 CLEAN, DIRTY, TRIMMED = 0, 1, 2
+_CHANGED = re.compile(rb"[^\x00]+")  # runs of blocks that are not CLEAN in the state bytes
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -133,8 +134,14 @@ class Overlay:
                 os.pwrite(self.live_fd, bytes([value]), _BOOT_HEADER_SIZE + block_idx)
 
     def changed_blocks(self) -> list[int]:
+        return sorted(self.changed_in(0, self.block_count))
+
+    def changed_in(self, first: int, end: int) -> dict[int, int]:
+        """{block_idx: state} of the blocks in [first, end) that are not CLEAN, found by a regex scan
+        of the state bytes (C speed: a 64 TiB volume has 16M of them, a Python loop took 0.9 s)."""
         with self.lock:
-            return [i for i, s in enumerate(self.state) if s != CLEAN]
+            return {i: self.state[i] for run in _CHANGED.finditer(self.state, first, end)
+                    for i in range(run.start(), run.end())}
 
     def flush(self) -> None:
         """Make every write so far durable: the data first, then the state that refers to it."""
