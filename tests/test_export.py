@@ -507,3 +507,38 @@ def test_extents_match_block_by_block_states(tmp_path):
             pos += run_length
     assert list(dev.extents(5, 0)) == []
     overlay.close()
+
+
+def test_a_volume_larger_than_the_filesystems_largest_file(tmp_path):
+    """ext4 holds files of at most 16 TiB: a writable export or a restore of a larger version fails
+    with a sentence, and leaves no empty overlay (which would block rm) and no partial file."""
+    from backyfs.errors import BackyfsError as Error
+    from backyfs.metadata.blockmap import BlockMap
+    from backyfs.metadata.db import Version
+    from backyfs.repository.restore import restore
+    from backyfs.sources.file import FileTarget
+
+    size = 17 << 40
+    probe = tmp_path / "probe"
+    with open(probe, "wb") as f:
+        try:
+            f.truncate(size)
+            pytest.skip("this filesystem holds 17 TiB files")
+        except OSError:
+            pass
+    probe.unlink()
+    svc = ExportService(Config(data_dir=str(tmp_path / "data"), block_size=BS, cache_memory_mb=1))
+    try:
+        version = Version(uid="feedbeef0000", volume="huge", created=time.time(), size=size,
+                          block_size=4 << 20, state="valid")
+        svc.repo.db.add_version(version)
+        svc.repo.db.put_blockmap(version.uid, BlockMap.empty(size, 4 << 20))
+        with pytest.raises(Error, match="cannot hold a file that large"):
+            svc.open(version.uid, writable=True)
+        assert list_overlays(svc.cfg.overlay_dir) == []
+        assert not (Path(svc.cfg.overlay_dir) / version.uid).exists()
+        with pytest.raises(Error, match="cannot hold a file of"):
+            restore(svc.repo, version, FileTarget(str(tmp_path / "out.img"), size))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    finally:
+        svc.close()

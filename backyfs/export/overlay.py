@@ -15,6 +15,7 @@ An exclusive lock on the directory keeps two servers from writing one overlay.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -57,6 +58,7 @@ class Overlay:
         self.size, self.block_size = size, block_size
         self.block_count = -(-size // block_size)
         self._lock_fd = _lock_overlay_dir(self.path, _in_use(version_uid, name))
+        fresh = not os.path.exists(os.path.join(self.path, "state"))
         fds: list[int] = []
         try:
             self._write_meta()
@@ -69,9 +71,16 @@ class Overlay:
             os.ftruncate(self.state_fd, self.block_count)
             self._flushed = bytes(os.pread(self.state_fd, self.block_count, 0))
             os.pwrite(self.live_fd, _boot_header() + self.state, 0)
-        except BaseException:
+        except BaseException as exc:
+            if fresh:  # a new overlay that could not be made leaves no empty one behind
+                shutil.rmtree(self.path, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(self.path))  # the version's directory, if now empty
             for fd in (*fds, self._lock_fd):  # a failed open must not keep the overlay locked
                 os.close(fd)
+            if isinstance(exc, OSError) and exc.errno == errno.EFBIG:  # ext4's largest file: 16 TiB
+                raise BackyfsError(f"cannot make an overlay of {size} bytes in {root}: its filesystem "
+                                   "cannot hold a file that large (use XFS for the data dir)") from None
             raise
         self.lock = threading.Lock()
         self.flush_lock = threading.Lock()  # flushes one at a time: each covers every earlier write

@@ -120,6 +120,7 @@ class FileTarget:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.writing)
             _remove_stale_partials(head, name)
+        self.fd = -1
         try:
             flags = os.O_WRONLY | os.O_CLOEXEC | (0 if is_device else os.O_CREAT)
             if not exists:  # a new file, really: not through a dangling symlink, not a racing one
@@ -136,13 +137,28 @@ class FileTarget:
                 os.ftruncate(self.fd, 0)  # drop old content: what we skip then reads as zeros
                 os.ftruncate(self.fd, size)
                 self.zeroed = True
-        except OSError as exc:
+        except BaseException as exc:
+            self._undo_open(exists)
+            if not isinstance(exc, OSError):
+                raise
             if is_device and exc.errno == errno.EBUSY:
                 raise BackyfsError(f"restore target {path} is in use (mounted, or open by another "
                                    "program): refusing to overwrite it") from None
-            raise BackyfsError(f"cannot open restore target {path}: {exc.strerror}") from None
+            reason = exc.strerror
+            if exc.errno == errno.EFBIG:  # ext4's largest file is 16 TiB
+                reason = f"its filesystem cannot hold a file of {size} bytes"
+            raise BackyfsError(f"cannot open restore target {path}: {reason}") from None
         self.is_device = is_device
         self.created = not exists
+
+    def _undo_open(self, existed: bool) -> None:
+        """A target that could not be set up leaves nothing: no open fd, no partial file."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.unlink(self.writing)
 
     def pwrite(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
