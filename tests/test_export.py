@@ -542,3 +542,16 @@ def test_a_volume_larger_than_the_filesystems_largest_file(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
     finally:
         svc.close()
+
+
+def test_devices_of_one_version_share_its_block_map(service):
+    """Maps never change: every connection to a version uses one copy, freed with the last."""
+    import gc
+
+    first, second = service.open("vol"), service.open("vol", writable=True)
+    assert first.blockmap is second.blockmap and len(service.maps) == 1
+    first.close()
+    second.close()
+    del first, second
+    gc.collect()
+    assert len(service.maps) == 0

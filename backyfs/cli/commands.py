@@ -265,8 +265,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     version = repo.resolve(args.version)
     data = version.to_json()
     try:
-        blockmap = repo.blockmap(version)
-        data["blocks_allocated"] = len(blockmap)
+        data["blocks_allocated"] = repo.db.blockmap_entries(version.uid)
     except BackyfsError:
         data["blocks_allocated"] = None
     if args.json:

@@ -70,6 +70,11 @@ class BlockMap:
         return _HEADER.pack(_MAGIC, self.size, self.block_size, len(self.indices)) + \
             self.indices.tobytes() + self.digests
 
+    @staticmethod
+    def entries_in(data_length: int) -> int:
+        """How many blocks a serialized map of data_length bytes holds, without reading it."""
+        return max(0, data_length - _HEADER.size) // (8 + DIGEST_SIZE)
+
     @classmethod
     def from_bytes(cls, data: bytes) -> BlockMap:
         if len(data) < _HEADER.size:
