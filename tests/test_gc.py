@@ -366,3 +366,19 @@ def test_gc_and_deep_scrub_refuse_a_damaged_database(repo_env, tmp_path):
     assert sorted((repo_env.store_dir / "blocks").rglob("*")) == objects
     res = repo_env.run("deep-scrub", "--all")
     assert res.rc == 3 and "metadata database" in res.err and "is damaged" in res.err
+
+
+def test_a_block_map_too_large_for_the_database_is_refused_before_reading(tmp_path, monkeypatch):
+    """SQLite stores at most 1 GB in one value (a map of 25M blocks): a volume that may need more is
+    refused with a sentence before anything is read, stored or recorded."""
+    from backyfs.errors import BackyfsError
+    from backyfs.metadata.blockmap import BlockMap
+
+    repo = _repo(tmp_path)
+    path = _image(tmp_path / "img", [os.urandom(4 * MiB) for _ in range(4)])
+    monkeypatch.setattr(type(repo.db), "max_value_bytes", lambda self: BlockMap.bytes_for(3))
+    with pytest.raises(BackyfsError, match="larger block_size"):
+        _backup(repo, path)
+    assert repo.db.versions() == [] and list(repo.store.list("blocks/")) == []
+    monkeypatch.setattr(type(repo.db), "max_value_bytes", lambda self: BlockMap.bytes_for(4))
+    assert _backup(repo, path).state == "valid"

@@ -71,6 +71,11 @@ class BlockMap:
             self.indices.tobytes() + self.digests
 
     @staticmethod
+    def bytes_for(entries: int) -> int:
+        """The serialized size of a map of that many allocated blocks."""
+        return _HEADER.size + entries * (8 + DIGEST_SIZE)
+
+    @staticmethod
     def entries_in(data_length: int) -> int:
         """How many blocks a serialized map of data_length bytes holds, without reading it."""
         return max(0, data_length - _HEADER.size) // (8 + DIGEST_SIZE)

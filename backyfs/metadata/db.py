@@ -20,6 +20,12 @@ STATES = ("pending", "valid", "invalid")
 KEEP_JOB_RUNS = 100  # runs kept per job (beside its newest successful one): see finish_job_run
 
 
+def parent_removed(uid: str) -> NotFound:
+    """The error of a backup whose parent version went (rm, prune) after it was chosen."""
+    return NotFound(f"the parent version {uid} was removed meanwhile: run the backup again (it diffs "
+                    "against the latest valid version)")
+
+
 @dataclass
 class Version:
     uid: str
@@ -144,8 +150,7 @@ class MetadataDB:
         with self._tx() as conn:
             if version.parent and not conn.execute("SELECT 1 FROM versions WHERE uid = ?",
                                                    (version.parent,)).fetchone():
-                raise NotFound(f"the parent version {version.parent} was removed meanwhile: run the "
-                               "backup again (it diffs against the latest valid version)")
+                raise parent_removed(version.parent)
             conn.execute(f"INSERT INTO versions ({columns}) VALUES ({', '.join('?' * len(row))})",
                          list(row.values()))
             self._set_labels(conn, version.uid, labels)
@@ -223,6 +228,11 @@ class MetadataDB:
             conn.execute("INSERT INTO blockmaps (version_uid, data) VALUES (?, ?) "
                          "ON CONFLICT (version_uid) DO UPDATE SET data = excluded.data",
                          (uid, blockmap.to_bytes()))
+
+    def max_value_bytes(self) -> int:
+        """The largest blob SQLite stores (SQLITE_LIMIT_LENGTH: 1 GB unless built otherwise)."""
+        with self.lock:
+            return self.conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
 
     def blockmap_entries(self, uid: str) -> int:
         """The number of allocated blocks in a version's map, from its length (a 16M-block map

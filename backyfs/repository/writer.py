@@ -16,9 +16,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
-from backyfs.errors import BackyfsError, SourceError
+from backyfs.errors import BackyfsError, NotFound, SourceError
 from backyfs.metadata.blockmap import BlockMap
-from backyfs.metadata.db import Version
+from backyfs.metadata.db import Version, parent_removed
 from backyfs.repository.extents import Extent, blocks_touched
 from backyfs.repository.locks import lock_volume
 from backyfs.repository.repo import (
@@ -118,6 +118,8 @@ class BackupWriter:
 
     def _run(self) -> Version:
         started = time.monotonic()
+        plan = self._plan()
+        self._check_map_fits(plan)  # before a version exists: a refusal leaves nothing behind
         version = self._open_version()
         self.uid = version.uid
         self.since = version.created
@@ -125,7 +127,6 @@ class BackupWriter:
         log.debug("%s version %s of %s (parent %s, %d bytes in %d-byte blocks)",
                   "resuming" if self.resumed else "new", version.uid, self.volume, version.parent,
                   self.source.size, self.block_size)
-        plan = self._plan()
         log.debug("reading %d blocks (%d of them a sample of unchanged ones to check the diff), "
                   "%d taken from the parent", len(plan.to_read), len(plan.sample),
                   len(plan.base) - len(set(plan.base) & set(plan.to_read)))
@@ -211,7 +212,10 @@ class BackupWriter:
             data_blocks = blocks_touched(self.source.data_extents(), bs, size)
             self.stats.bytes_sparse += size - _bytes_in(data_blocks, bs, size)
             return _Plan(sorted(data_blocks), {})
-        base = self.repo.db.get_blockmap(self.parent.uid).to_dict()
+        try:
+            base = self.repo.db.get_blockmap(self.parent.uid).to_dict()
+        except NotFound:
+            raise parent_removed(self.parent.uid) from None
         last_block = -(-size // bs) - 1
         # After a resize, blocks from the old tail on are re-read: they changed length or content.
         first_resized = min(size, self.parent.size) // bs if size != self.parent.size else last_block + 1
@@ -314,6 +318,17 @@ class BackupWriter:
             self.unrecorded.append((digest, stored))
         self._count(bytes_read=length, bytes_new=length, bytes_stored=stored)
         return block_idx, digest
+
+    def _check_map_fits(self, plan: _Plan) -> None:
+        """Refuse before reading a volume whose block map could outgrow what the database stores
+        in one value (1 GB: 25M blocks, ~95 TiB of data at 4 MiB blocks, 1.5 TiB at 64 KiB),
+        instead of failing once everything was read and stored."""
+        entries = len(plan.base) + len(plan.to_read)  # at most: some are in both
+        if BlockMap.bytes_for(entries) > self.repo.db.max_value_bytes():
+            raise BackyfsError(
+                f"volume {self.volume} may have {entries:,} allocated {self.block_size}-byte blocks, "
+                f"a block map larger than the metadata database stores in one value: back it up with "
+                f"a larger block_size")
 
     def _claim(self, digest: bytes) -> bool:
         """True if this thread is to store digest: neither stored (by this run, or usable in the
