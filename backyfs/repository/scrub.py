@@ -8,6 +8,7 @@ next backup of the same data) turns valid again after a full scrub.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import random
@@ -51,6 +52,10 @@ def scrub(repo: Repository, versions: list[Version], *, deep: bool, percent: flo
                                       "deep-scrub" if deep else "scrub", len(digests), len(versions), threads)
     result = ScrubResult()
     lock = threading.Lock()
+    # The maps, digests and sizes live to the end: out of the collector's sight, the per-object
+    # churn (a future per object) no longer makes every full collection walk millions of them
+    # (4M objects took 52 µs each instead of 25).
+    gc.freeze()
 
     def check(digest: bytes) -> None:
         reason = _check_one(repo, digest, sizes.get(digest, (None, None))[0], deep)
