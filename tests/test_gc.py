@@ -364,6 +364,9 @@ def test_gc_and_deep_scrub_refuse_a_damaged_database(repo_env, tmp_path):
         res = repo_env.run("gc")
         assert res.rc == 1 and "is damaged" in res.err and "rebuild-db" in res.err, res.err
     assert sorted((repo_env.store_dir / "blocks").rglob("*")) == objects
+    # Looking a version up through the damaged index fails, naming the way out (rebuild-db).
+    failed = [res.err for res in (repo_env.run("show", name) for name in "abc") if res.rc != 0]
+    assert failed and all("rebuild-db" in err and err.count("\n") == 1 for err in failed), failed
     res = repo_env.run("deep-scrub", "--all")
     assert res.rc == 3 and "metadata database" in res.err and "is damaged" in res.err
 

@@ -124,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         what = {"sqlite3": "metadata database", "rados": "Ceph", "rbd": "Ceph RBD"}.get(type(exc).__module__)
         if what is None:
             raise
-        print(f"backyfs: error: {what}: {exc or type(exc).__name__}", file=sys.stderr)
+        hint = ""
+        if "malformed" in str(exc):  # SQLITE_CORRUPT: the store holds what rebuild-db needs
+            hint = "; move it aside and run 'backyfs rebuild-db'"
+        print(f"backyfs: error: {what}: {exc or type(exc).__name__}{hint}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -107,12 +107,14 @@ class MetadataDB:
     def close(self) -> None:
         self.conn.close()
 
-    def damage(self) -> list[str]:
-        """SQLite's quick_check of every page and index (a second for a large repository): what is
-        wrong, or nothing. A damaged index can hide rows, so gc must not trust such a database."""
+    def damage(self, table: str | None = None) -> list[str]:
+        """SQLite's quick_check of every page and index (seconds for a large repository), or of one
+        table and its indexes: what is wrong, or nothing. A damaged index can hide rows, so gc must
+        not trust such a database."""
+        pragma = f"PRAGMA quick_check({table})" if table else "PRAGMA quick_check"  # our names only
         with self.lock:
             try:
-                rows = [r[0] for r in self.conn.execute("PRAGMA quick_check")]
+                rows = [r[0] for r in self.conn.execute(pragma)]
             except sqlite3.DatabaseError as exc:
                 return [str(exc)]
         lines = [line for row in rows for line in row.splitlines() if not line.startswith("***")]
