@@ -100,9 +100,13 @@ class MetadataDB:
                                f"{_filesystem_trouble(path)}") from None
         self.lock = threading.RLock()
         self.conn = conn
-        if version < SCHEMA_VERSION:  # new: a database that exists is read without writing to it
+        if version < SCHEMA_VERSION:  # new or older: an up-to-date one is read without writing to it
             with self.lock:
-                create_tables(conn)
+                try:
+                    create_tables(conn)
+                except sqlite3.OperationalError:  # an older one on read-only media: read it as it is
+                    if version == 0:
+                        raise
 
     def close(self) -> None:
         self.conn.close()
@@ -163,9 +167,10 @@ class MetadataDB:
                          "ON CONFLICT (version_uid, key) DO UPDATE SET value = excluded.value",
                          [(uid, k, v) for k, v in labels.items()])
 
-    def _version(self, row: dict) -> Version:
-        labels = {r["key"]: r["value"] for r in self._rows(
-            "SELECT key, value FROM labels WHERE version_uid = ?", [row["uid"]])}
+    def _version(self, row: dict, labels: dict[str, str] | None = None) -> Version:
+        if labels is None:
+            labels = {r["key"]: r["value"] for r in self._rows(
+                "SELECT key, value FROM labels WHERE version_uid = ?", [row["uid"]])}
         return Version(uid=row["uid"], volume=row["volume"], created=row["created"], size=row["size"],
                        block_size=row["block_size"], state=row["state"], parent=row["parent"],
                        protected=bool(row["protected"]), snapshot=row["snapshot"],
@@ -183,7 +188,13 @@ class MetadataDB:
             sql, params = sql + " AND volume = ?", params + [volume]
         if state is not None:
             sql, params = sql + " AND state = ?", params + [state]
-        return [self._version(r) for r in self._rows(sql + " ORDER BY created, uid", params)]
+        with self.lock:  # the labels in one query, not one per version (0.8 s at 50,000 versions)
+            rows = self._rows(sql + " ORDER BY created, uid", params)
+            labels: dict[str, dict[str, str]] = {}
+            for r in self._rows("SELECT version_uid, key, value FROM labels WHERE version_uid IN ("
+                                + sql.replace("SELECT *", "SELECT uid", 1) + ")", params):
+                labels.setdefault(r["version_uid"], {})[r["key"]] = r["value"]
+        return [self._version(r, labels.get(r["uid"], {})) for r in rows]
 
     def find_uids(self, prefix: str) -> list[str]:
         escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
