@@ -31,6 +31,7 @@ from backyfs.export.device import ExportDevice
 from backyfs.export.partitions import find_partitions
 from backyfs.export.service import ExportService
 from backyfs.fronts.tree import DIRS, IMAGE, INFO, LINK, PART, ROOT, VDIR, VOLUME, Node, Tree
+from backyfs.metadata.db import Version
 
 log = logging.getLogger(__name__)
 REFRESH_SECONDS = 1.0  # re-read the version list at most this often
@@ -144,6 +145,8 @@ class BackyfsOperations(pyfuse3.Operations):
         self.next_fh = 1
         self.refreshed = -REFRESH_SECONDS
         self.refresh_lock = trio.Lock()
+        self.shown: list[Version] = []  # the versions the tree shows
+        self.db_stamp: int | None = None  # the database's data_version when they were read
         self.parts_seen: dict[str, int] = {}  # uid -> Held.writes when its partitions were read
         self.uid, self.gid = os.getuid(), os.getgid()
 
@@ -152,12 +155,21 @@ class BackyfsOperations(pyfuse3.Operations):
 
     # --- keeping the tree current ---------------------------------------------------------
     async def refresh(self, force: bool = False) -> None:
+        """Re-read the valid versions (at most once a second), and rebuild the tree only if they
+        changed: at 50,000 versions a rebuild takes seconds on the event loop, and once it took
+        longer than a second every lookup started another one."""
         async with self.refresh_lock:
             if not force and time.monotonic() - self.refreshed < REFRESH_SECONDS:
                 return
-            versions = await self.run(self.service.repo.db.versions, None, "valid")
+            db = self.service.repo.db
+            stamp = await self.run(db.data_version)  # first: a change after it is seen next time
+            if force or stamp != self.db_stamp:  # another process committed something
+                versions = await self.run(db.versions, None, "valid")
+                if versions != self.shown:
+                    await self.devices.close_unused(self.tree.update(versions))
+                    self.shown = versions
+                self.db_stamp = stamp
             self.refreshed = time.monotonic()
-            await self.devices.close_unused(self.tree.update(versions))
 
     async def ensure_partitions(self, uid: str) -> None:
         try:
@@ -369,9 +381,11 @@ class FuseMount:
         self.ops = BackyfsOperations(service, writable, overlay_name, threads)
 
     def mount(self) -> None:
-        versions = self.service.repo.db.versions(state="valid")  # fail before mounting, not after
+        db = self.service.repo.db
+        stamp = db.data_version()
+        versions = db.versions(state="valid")  # fail before mounting, not after
         self.ops.tree.update(versions)
-        self.ops.refreshed = time.monotonic()
+        self.ops.shown, self.ops.db_stamp, self.ops.refreshed = versions, stamp, time.monotonic()
         try:
             pyfuse3.init(self.ops, self.mountpoint, mount_options(self.writable, self.allow_other))
         except RuntimeError as exc:

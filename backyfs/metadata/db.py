@@ -242,6 +242,11 @@ class MetadataDB:
                          "ON CONFLICT (version_uid) DO UPDATE SET data = excluded.data",
                          (uid, blockmap.to_bytes()))
 
+    def data_version(self) -> int:
+        """Changes whenever another connection (process) commits to the database."""
+        with self.lock:
+            return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
     def max_value_bytes(self) -> int:
         """The largest blob SQLite stores (SQLITE_LIMIT_LENGTH: 1 GB unless built otherwise)."""
         with self.lock:
