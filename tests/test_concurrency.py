@@ -205,10 +205,10 @@ def test_a_writable_export_made_while_prune_runs_orphans_nothing(repo_env: RepoE
     opener = ("import sys; from backyfs.config import load_config; from backyfs.export.service import "
               "ExportService; s = ExportService(load_config()); d = s.open(sys.argv[1], writable=True); "
               "d.pwrite(b'x', 0); d.close(); s.close()")
-    real, started = overlay_module.list_overlays, []
+    real, started = overlay_module.overlay_names, []
 
-    def list_overlays(root):
-        listing = real(root)
+    def overlay_names(root, version_uid):
+        listing = real(root, version_uid)
         if not started:  # a client connects right after prune looked
             started.append(subprocess.Popen([sys.executable, "-c", opener, old], env=repo_env.env,
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -216,7 +216,7 @@ def test_a_writable_export_made_while_prune_runs_orphans_nothing(repo_env: RepoE
         return listing
 
     with monkeypatch.context() as patch:
-        patch.setattr(overlay_module, "list_overlays", list_overlays)
+        patch.setattr(overlay_module, "overlay_names", overlay_names)
         repo_env.ok("prune", "--keep-last", "1")
     _, err = started[0].communicate(timeout=60)
     remaining = [v["uid"] for v in repo_env.versions()]

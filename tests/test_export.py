@@ -555,3 +555,24 @@ def test_devices_of_one_version_share_its_block_map(service):
     del first, second
     gc.collect()
     assert len(service.maps) == 0
+
+
+def test_overlay_names_are_the_overlays_list_overlays_shows(tmp_path):
+    """rm and prune check one version's overlays by name alone: the same ones list_overlays shows
+    (not a discard's trash, not a directory whose overlay was never made)."""
+    from backyfs.export.overlay import overlay_names
+
+    root = tmp_path / "overlays"
+    def written(name: str) -> None:
+        overlay = _fresh_overlay(tmp_path, name)
+        overlay.write_block(0, bytes(BS))  # a clean overlay is removed when closed
+        overlay.close()
+
+    for name in ("b", "a"):
+        written(name)
+    (root / "feedbeef0000" / "half-made").mkdir()
+    (root / "feedbeef0000" / "a").rename(root / "feedbeef0000" / ".trash-a")
+    written("a")
+    shown = sorted(o.name for o in list_overlays(str(root)) if o.version_uid == "feedbeef0000")
+    assert overlay_names(str(root), "feedbeef0000") == shown == ["a", "b"]
+    assert overlay_names(str(root), "000000000000") == []

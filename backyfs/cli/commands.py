@@ -290,7 +290,7 @@ def _shown(key: str, value: object) -> str:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from backyfs.export.overlay import discard_overlay, list_overlays
+    from backyfs.export.overlay import discard_overlay, overlay_names
 
     cfg, repo = _config_and_repo(args)
     version = repo.resolve(args.version)
@@ -298,7 +298,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
         raise BackyfsError(f"rm needs a version uid, not a volume name ({args.version!r})")
     with repo.versions_lock():  # a writable export makes its overlay under it: not in between
         # An overlay holds writes made on top of this version: they would be left with nothing under.
-        overlays = [o.name for o in list_overlays(cfg.overlay_dir) if o.version_uid == version.uid]
+        overlays = overlay_names(cfg.overlay_dir, version.uid)
         if overlays and not args.force:
             raise StateError(f"version {version.uid} has overlays ({', '.join(overlays)}): commit or "
                              "discard them first (backyfs overlay), or rm --force to discard them too")

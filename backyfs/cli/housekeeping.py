@@ -99,12 +99,12 @@ def prune_volume(cfg, repo, volume: str, policy, *, dry_run: bool = False, prefi
     """Remove the versions of VOLUME that POLICY does not keep (prune, and a job's keep), except
     those with overlays: writes on top of them, which rm too refuses to drop unasked, and maybe
     a writable export in use. One removed meanwhile (another prune) is already gone."""
-    from backyfs.export.overlay import list_overlays
+    from backyfs.export.overlay import overlay_names
     from backyfs.repository.retention import versions_to_remove
 
     for version in versions_to_remove(repo.db.versions(volume=volume), policy):
         with repo.versions_lock():  # a writable export makes its overlay under it: not in between
-            if any(o.version_uid == version.uid for o in list_overlays(cfg.overlay_dir)):
+            if overlay_names(cfg.overlay_dir, version.uid):
                 print(f"{prefix}kept {version.uid} of {volume}: it has overlays (commit or discard "
                       "them, backyfs overlay ls)", file=sys.stderr)
                 continue

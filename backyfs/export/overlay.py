@@ -255,6 +255,18 @@ def list_overlays(root: str) -> list[OverlayInfo]:
     return out
 
 
+def overlay_names(root: str, version_uid: str) -> list[str]:
+    """The names of one version's overlays (those list_overlays shows), without reading their
+    states: rm and prune ask this of every version they remove (a prune of 4,200 versions took
+    51 s beside 100 overlays when it listed them all, states read, for each)."""
+    try:
+        names = sorted(os.listdir(os.path.join(root, version_uid)))
+    except OSError:  # no overlay was ever made for it (or a stray file)
+        return []
+    return [name for name in names if not _is_trash(name)
+            and os.path.isfile(os.path.join(root, version_uid, name, "state"))]
+
+
 def _read_state_files(path: str) -> bytes:
     """The state a server opening the overlay would see (an overlay of an older backyfs has no
     state.live: its state file is current)."""
