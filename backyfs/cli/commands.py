@@ -119,7 +119,7 @@ def _open_backup(args: argparse.Namespace):
         volume_lock = lock_volume(cfg.db_path, volume)
         opening.snapshot(_snapshot_prefix(cfg, volume) if takes_snapshots(args.source) else None)
         repo = open_repository(cfg, read_mb_s=None, write_mb_s=args.write_limit)
-        if re.fullmatch(r"[0-9a-f]{4,11}", volume) and not repo.db.versions(volume=volume):
+        if re.fullmatch(r"[0-9a-f]{4,11}", volume) and not repo.db.has_volume(volume):
             raise UsageError(f"a new volume named with hex digits only ({volume!r}) would hide the "
                              f"versions whose uids start so: add another letter, e.g. {volume}-disk")
         parent = _choose_parent(repo, args, volume)

@@ -88,7 +88,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise UsageError("give at least one --keep-* rule")
     cfg, repo = _config_and_repo(args)
     volumes = [args.volume] if args.volume else sorted({v.volume for v in repo.db.versions()})
-    if args.volume and not repo.db.versions(volume=args.volume):
+    if args.volume and not repo.db.has_volume(args.volume):
         raise NotFound(f"unknown volume {args.volume!r}")
     for volume in volumes:
         prune_volume(cfg, repo, volume, policy, dry_run=args.dry_run, prefix="")

@@ -196,6 +196,15 @@ class MetadataDB:
                 labels.setdefault(r["version_uid"], {})[r["key"]] = r["value"]
         return [self._version(r, labels.get(r["uid"], {})) for r in rows]
 
+    def latest_version(self, volume: str, state: str = "valid") -> Version | None:
+        """The volume's newest version in that state (the last of versions()), from the index."""
+        rows = self._rows("SELECT * FROM versions WHERE volume = ? AND state = ? "
+                          "ORDER BY created DESC, uid DESC LIMIT 1", [volume, state])
+        return self._version(rows[0]) if rows else None
+
+    def has_volume(self, volume: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM versions WHERE volume = ? LIMIT 1", [volume]))
+
     def find_uids(self, prefix: str) -> list[str]:
         escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         return [r["uid"] for r in self._rows(

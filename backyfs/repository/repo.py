@@ -150,12 +150,11 @@ class Repository:
         uids = [spec] if _UID_RE.match(spec) else []
         # A volume's own name wins over a uid prefix: a volume called "cafe" must never resolve to
         # another volume's version cafe0123...; a full uid (12 hex digits) is never a volume name.
-        volume_versions = [] if uids else self.db.versions(volume=spec)
-        if volume_versions:
-            valid = [v for v in volume_versions if v.state == "valid"]
-            if not valid:
+        if not uids and self.db.has_volume(spec):
+            latest = self.db.latest_version(spec)
+            if latest is None:
                 raise NotFound(f"volume {spec!r} has no valid version")
-            return valid[-1]
+            return latest
         if not uids and len(spec) >= 4 and re.fullmatch(r"[0-9a-f]+", spec):
             uids = self.db.find_uids(spec)
             if len(uids) > 1:
@@ -180,8 +179,7 @@ class Repository:
         return latest
 
     def latest_valid(self, volume: str) -> Version | None:
-        versions = self.db.versions(volume=volume, state="valid")
-        return versions[-1] if versions else None
+        return self.db.latest_version(volume)
 
     def blockmap(self, version: Version) -> BlockMap:
         return self.db.get_blockmap(version.uid)
