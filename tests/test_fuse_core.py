@@ -56,3 +56,34 @@ def test_partition_scan_keeps_its_device_open_while_the_version_goes(tmp_path: P
     trio.run(scenario)
     assert closed_during_scan == [False]
     svc.close()
+
+
+def test_devices_no_file_uses_are_closed_beyond_a_few(tmp_path: Path, monkeypatch) -> None:
+    """Browsing versions (each directory's partition scan opens its device) kept every device
+    open for good: maps and, on a writable mount, 4 fds per overlay. Now the most recently used
+    MAX_IDLE_DEVICES stay open; a device with an open file is never closed."""
+    monkeypatch.setattr(fuse_front, "MAX_IDLE_DEVICES", 2)
+    (tmp_path / "disk.img").write_bytes(bytes(range(256)) * (2 * BS // 256))
+    svc = ExportService(Config(data_dir=str(tmp_path / "data"), block_size=BS))
+    uids = []
+    for volume in ("a", "b", "c", "d"):
+        source = FileSource(str(tmp_path / "disk.img"))
+        uids.append(BackupWriter(svc.repo, source, volume, block_size=BS).run().uid)
+        source.close()
+    ops = fuse_front.BackyfsOperations(svc)
+
+    async def scenario() -> None:
+        await ops.refresh(force=True)
+        in_use = await ops.devices.get(uids[0])
+        in_use.handles += 1  # a file of version a stays open throughout
+        for uid in uids:
+            await ops.ensure_partitions(uid)
+        assert set(ops.devices.held) == {uids[0], uids[2], uids[3]}
+        assert list(ops.devices.idle) == [uids[2], uids[3]]
+        in_use.handles -= 1
+        await ops.devices.idle_now(uids[0])
+        assert set(ops.devices.held) == {uids[0], uids[3]}
+
+    trio.run(scenario)
+    ops.devices.close_all()
+    svc.close()
