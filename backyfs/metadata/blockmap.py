@@ -17,6 +17,7 @@ from backyfs.errors import CorruptObject
 DIGEST_SIZE = 32
 _MAGIC = b"BKYMAP01"
 _HEADER = struct.Struct("<8sQQQ")  # magic, volume size, block size, entry count
+_DIGEST = struct.Struct(f"{DIGEST_SIZE}s")
 
 
 class BlockMap:
@@ -31,7 +32,7 @@ class BlockMap:
     @classmethod
     def from_mapping(cls, size: int, block_size: int, blocks: Mapping[int, bytes]) -> BlockMap:
         order = sorted(blocks)
-        return cls(size, block_size, array("Q", order), b"".join(blocks[i] for i in order))
+        return cls(size, block_size, array("Q", order), b"".join(map(blocks.__getitem__, order)))
 
     @classmethod
     def empty(cls, size: int, block_size: int) -> BlockMap:
@@ -51,16 +52,17 @@ class BlockMap:
             return self.digests[pos * DIGEST_SIZE : (pos + 1) * DIGEST_SIZE]
         return None
 
+    def _digest_list(self) -> list[bytes]:
+        return [digest for (digest,) in _DIGEST.iter_unpack(self.digests)]  # C-speed split
+
     def items(self) -> Iterator[tuple[int, bytes]]:
-        for pos, block_idx in enumerate(self.indices):
-            yield block_idx, self.digests[pos * DIGEST_SIZE : (pos + 1) * DIGEST_SIZE]
+        return zip(self.indices, self._digest_list(), strict=True)
 
     def to_dict(self) -> dict[int, bytes]:
         return dict(self.items())
 
     def digest_set(self) -> set[bytes]:
-        d = self.digests
-        return {d[p : p + DIGEST_SIZE] for p in range(0, len(d), DIGEST_SIZE)}
+        return set(self._digest_list())
 
     def block_length(self, block_idx: int) -> int:
         """Bytes of the volume in this block: block_size except for a partial last block."""

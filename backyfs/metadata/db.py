@@ -285,12 +285,11 @@ class MetadataDB:
                 "ON CONFLICT (digest) DO UPDATE SET stored_size = excluded.stored_size, state = 'ok'",
                 [(d, s, now) for d, s in blocks])
 
-    def damaged_digests(self, digests: set[bytes]) -> set[bytes]:
-        """Those of digests a scrub found missing or corrupt."""
+    def damaged_digests(self) -> set[bytes]:
+        """The digests a scrub found missing or corrupt."""
         with self.lock:
-            bad = {r[0] for r in self.conn.execute(  # "state != 'ok'" lets SQLite use blocks_not_ok
+            return {r[0] for r in self.conn.execute(  # "state != 'ok'" lets SQLite use blocks_not_ok
                 "SELECT digest FROM blocks WHERE state != 'ok' AND state IN ('missing', 'corrupt')")}
-        return bad & digests
 
     def blocks_in_state(self, state: str) -> list[tuple[bytes, float | None]]:
         with self.lock:

@@ -129,7 +129,7 @@ class BackupWriter:
                   self.source.size, self.block_size)
         log.debug("reading %d blocks (%d of them a sample of unchanged ones to check the diff), "
                   "%d taken from the parent", len(plan.to_read), len(plan.sample),
-                  len(plan.base) - len(set(plan.base) & set(plan.to_read)))
+                  len(plan.base) - sum(1 for i in plan.to_read if i in plan.base))
         try:
             blocks = self._process(plan)
         except HintsMismatch:
@@ -168,7 +168,8 @@ class BackupWriter:
         """Blocks a scrub found missing or corrupt while this backup ran (it took unchanged blocks
         from its parent's map, and counted on what was stored when it started): read them from
         the source again and store them anew, which also repairs the object for other versions."""
-        bad = self.repo.db.damaged_digests(set(blocks.values()))
+        bad = self.repo.db.damaged_digests()  # a few, if any: then those this map names
+        bad &= set(blocks.values()) if bad else set()
         if not bad:
             return
         with self.lock:
@@ -219,7 +220,8 @@ class BackupWriter:
         last_block = -(-size // bs) - 1
         # After a resize, blocks from the old tail on are re-read: they changed length or content.
         first_resized = min(size, self.parent.size) // bs if size != self.parent.size else last_block + 1
-        base = {i: d for i, d in base.items() if i < first_resized}
+        if size != self.parent.size:
+            base = {i: d for i, d in base.items() if i < first_resized}
         if self.hints is None:
             data_blocks = blocks_touched(self.source.data_extents(), bs, size)
             self.stats.bytes_sparse += size - _bytes_in(data_blocks, bs, size)
@@ -231,10 +233,13 @@ class BackupWriter:
         # on a fragmented 1 TiB image). Otherwise re-read a sample.
         if changed:
             data_blocks = blocks_touched(self.source.data_extents(), bs, size)
-            changed &= data_blocks | set(base)
-            sample = self._sample(set(base) - changed, data_blocks - changed) if changed else set()
+            changed = {i for i in changed if i in data_blocks or i in base}
+            sample = self._sample(base.keys() - changed, data_blocks - changed) if changed else set()
         self.stats.blocks_sampled = len(sample)
-        self.stats.bytes_unchanged = sum(_block_len(i, bs, size) for i in base if i not in changed)
+        # Arithmetic, not a loop over a map of millions: every unchanged block is whole but the last.
+        unchanged = len(base) - sum(1 for i in changed if i in base)
+        tail = last_block in base and last_block not in changed
+        self.stats.bytes_unchanged = unchanged * bs - (bs - _block_len(last_block, bs, size) if tail else 0)
         return _Plan(sorted(changed | sample), base, sample)
 
     def _sample(self, unhinted_data: set[int], unhinted_source: set[int]) -> set[int]:
@@ -248,7 +253,7 @@ class BackupWriter:
         return chosen
 
     def _process(self, plan: _Plan) -> dict[int, bytes]:
-        blocks = dict(plan.base)
+        blocks = plan.base  # becomes the new map (no copy: a parent map can hold millions)
         gate = threading.Semaphore(self.threads * 2)
         last_checkpoint = time.monotonic()
         work_bytes = _bytes_in(plan.to_read, self.block_size, self.source.size)
