@@ -66,9 +66,9 @@ def restore(repo: Repository, version: Version, target: RestoreTarget, *, thread
     lock = threading.Lock()
     done = [0]
 
-    def one(block_idx: int, digest: bytes | None) -> None:
+    def one(block_idx: int, digest: bytes | None, count: int) -> None:
         offset = block_idx * blockmap.block_size
-        length = blockmap.block_length(block_idx)
+        length = min(count * blockmap.block_size, blockmap.size - offset)  # count > 1: holes
         if digest is None:
             if not target.zeroed:
                 target.write_zeroes(offset, length)
@@ -92,7 +92,7 @@ def restore(repo: Repository, version: Version, target: RestoreTarget, *, thread
                 result.bytes_zero += length
             else:
                 result.bytes_written += length
-            done[0] += blockmap.block_length(block_idx)
+            done[0] += min(count * blockmap.block_size, blockmap.size - offset)
             if progress:
                 progress(done[0], blockmap.size)
 
@@ -130,13 +130,26 @@ def _write_sparse(target: RestoreTarget, offset: int, data: bytes | memoryview) 
         target.pwrite(offset + run_start, view[run_start:])
 
 
+HOLE_RUN_BLOCKS = 256  # holes zeroed per call on a target with old content (1 GiB of 4 MiB blocks)
+
+
 def _all_blocks(blockmap: BlockMap, zeroed: bool):
-    """(block_idx, digest or None) for stored blocks, plus zero blocks when the target needs them."""
-    if zeroed:
-        yield from blockmap.items()
-        return
-    for block_idx in range(blockmap.block_count):
-        yield block_idx, blockmap.lookup(block_idx)
+    """(block_idx, digest, 1) for stored blocks, and when the target needs its holes zeroed,
+    (block_idx, None, count) for runs of them: one call per run, not per block (a 64 TiB device
+    took 16M calls and minutes of CPU)."""
+    next_idx = 0
+    for block_idx, digest in blockmap.items():
+        if not zeroed:
+            yield from _hole_runs(next_idx, block_idx)
+        yield block_idx, digest, 1
+        next_idx = block_idx + 1
+    if not zeroed:
+        yield from _hole_runs(next_idx, blockmap.block_count)
+
+
+def _hole_runs(first: int, end: int):
+    for start in range(first, end, HOLE_RUN_BLOCKS):
+        yield start, None, min(HOLE_RUN_BLOCKS, end - start)
 
 
 def _run_parallel(func, items, threads: int) -> None:

@@ -176,7 +176,9 @@ class FileTarget:
                 return
             except OSError:
                 pass
-        self.pwrite(offset, bytes(length))
+        zeros = bytes(min(length, 4 << 20))  # a run of holes can be a GiB: written piece by piece
+        for start in range(offset, offset + length, len(zeros)):
+            self.pwrite(start, zeros[: offset + length - start])
 
     def finish(self) -> None:
         os.fsync(self.fd)
