@@ -134,7 +134,7 @@ class Devices:
                 await self.close_unused({oldest})
 
     async def close_unused(self, uids: set[str]) -> None:
-        """Close the devices of removed versions that no handle uses (closing flushes overlays)."""
+        """Close the devices of these versions that no handle uses (closing flushes overlays)."""
         unused = [self.held.pop(uid) for uid in uids if uid in self.held and self.held[uid].handles == 0]
         for uid in uids:
             self.idle.pop(uid, None)
