@@ -87,3 +87,44 @@ def test_devices_no_file_uses_are_closed_beyond_a_few(tmp_path: Path, monkeypatc
     trio.run(scenario)
     ops.devices.close_all()
     svc.close()
+
+
+def test_refresh_rebuilds_the_tree_only_when_versions_changed(tmp_path: Path, monkeypatch) -> None:
+    """A rebuild of 50,000 versions takes seconds on the event loop: a refresh with nothing
+    committed meanwhile reads no versions, one after an unrelated commit (a backup's heartbeat)
+    reads but does not rebuild, and a new version in another process's commit shows."""
+    from backyfs.config import open_repository
+
+    (tmp_path / "disk.img").write_bytes(bytes(range(256)) * (2 * BS // 256))
+    cfg = Config(data_dir=str(tmp_path / "data"), block_size=BS)
+    svc = ExportService(cfg)
+    source = FileSource(str(tmp_path / "disk.img"))
+    first = BackupWriter(svc.repo, source, "a", block_size=BS).run()
+    ops = fuse_front.BackyfsOperations(svc)
+    loads, rebuilds = [], []
+    real_versions, real_update = svc.repo.db.versions, ops.tree.update
+    monkeypatch.setattr(svc.repo.db, "versions", lambda *a: (loads.append(1), real_versions(*a))[1])
+    monkeypatch.setattr(ops.tree, "update", lambda vs: (rebuilds.append(len(vs)), real_update(vs))[1])
+    other = open_repository(cfg)  # another process's connection
+
+    async def scenario() -> None:
+        await ops.refresh(force=True)
+        assert (len(loads), rebuilds) == (1, [1])
+        ops.refreshed = -10.0  # past the interval: nothing committed, nothing read
+        await ops.refresh()
+        assert (len(loads), rebuilds) == (1, [1])
+        other.db.update_version(first.uid, heartbeat=1.0)  # commits that leave the versions as
+        other.db.update_version(first.uid, heartbeat=first.heartbeat)  # they were
+        ops.refreshed = -10.0
+        await ops.refresh()
+        assert (len(loads), rebuilds) == (2, [1])
+        BackupWriter(other, FileSource(str(tmp_path / "disk.img")), "b", block_size=BS).run()
+        ops.refreshed = -10.0
+        await ops.refresh()
+        assert (len(loads), rebuilds) == (3, [1, 2])
+
+    trio.run(scenario)
+    other.close()
+    source.close()
+    ops.devices.close_all()
+    svc.close()
