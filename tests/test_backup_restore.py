@@ -51,8 +51,9 @@ def test_mixed_sparse_image_round_trip(repo_env: RepoEnv, tmp_path: Path, block_
     assert st["bytes_new"] + st["bytes_dedup"] == (data_blocks - n["zero"]) * block_size + tail
     assert st["bytes_dedup"] == (n["dup"] - 1) * block_size
     unique = n["rand"] + 1 + n["text"] + n["half"] + 1  # + one dup block + the tail
-    objects = repo_env.stats()["objects"]
-    assert objects == unique == len(block_files(repo_env.store_dir))
+    stats = repo_env.stats()
+    assert stats["objects"] == unique == len(block_files(repo_env.store_dir))
+    assert (stats["versions"], stats["volumes"], stats["logical_bytes"]) == (1, 1, st["bytes_total"])
     # Text compresses; random data is stored raw with a 16-byte header.
     assert st["bytes_stored"] < st["bytes_new"]
 

@@ -331,10 +331,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     repo = _repo(args)
-    versions = repo.db.versions()
-    data = {"versions": len(versions), "volumes": len({v.volume for v in versions}),
-            "logical_bytes": sum(v.size for v in versions), **repo.db.block_stats(),
-            "store": repo.store.url}
+    data = {**repo.db.version_stats(), **repo.db.block_stats(), "store": repo.store.url}
     if args.json:
         _print_json(data)
     else:
@@ -354,7 +351,7 @@ def cmd_rebuild_db(args: argparse.Namespace) -> int:
                            "when none is")
     repo = open_repository(cfg)
     try:
-        if repo.db.versions():
+        if repo.db.version_stats()["versions"]:
             raise BackyfsError(f"{repo.db.path} is not empty; move it aside to rebuild it from the store")
         with repo.activity_lock(exclusive=True) as alone:
             if not alone:  # it writes to the database moved aside: its version would be missed
