@@ -202,6 +202,9 @@ class MetadataDB:
                           "ORDER BY created DESC, uid DESC LIMIT 1", [volume, state])
         return self._version(rows[0]) if rows else None
 
+    def version_uids(self) -> set[str]:
+        return {r["uid"] for r in self._rows("SELECT uid FROM versions")}
+
     def version_stats(self) -> dict[str, int]:
         """Counts for `stats`, aggregated in SQL (loading 50,000 versions for them took 0.8 s)."""
         row = self._rows("SELECT count(*) AS versions, count(DISTINCT volume) AS volumes, "

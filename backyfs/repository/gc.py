@@ -44,9 +44,9 @@ class GcResult:
 
 def referenced_digests(repo: Repository) -> set[bytes]:
     out: set[bytes] = set()
-    for version in repo.db.versions():
+    for uid in repo.db.version_uids():
         try:
-            out |= repo.blockmap(version).digest_set()
+            out |= repo.db.get_blockmap(uid).digest_set()
         except NotFound:  # a pending or failed version without a map references nothing yet
             pass
     return out
@@ -65,7 +65,7 @@ def _unknown_versions(repo: Repository) -> tuple[set[str], set[str]]:
     """Of the store's versions this database does not know: those with metadata (foreign: another
     host's sharing the store, since blocks are content-addressed, or ones rebuild-db left out),
     and block maps an interrupted rm left without their metadata (remnants: no version has them)."""
-    known = {v.uid for v in repo.db.versions()}
+    known = repo.db.version_uids()
     with_meta, maps_only = stored_versions(repo.store)
     return with_meta - known, maps_only - known
 
