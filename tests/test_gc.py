@@ -435,3 +435,28 @@ def test_a_restore_over_old_content_zeroes_runs_of_holes_in_few_calls(tmp_path, 
     assert bytes(target.image) == b"".join(blocks)
     assert sorted(calls) == sorted([3 * 4 * MiB, 3 * 4 * MiB, 4 * MiB, 2 * 4 * MiB])  # runs: 3+3+1, 2
     assert result.bytes_zero == 9 * 4 * MiB and result.bytes_written == 4 * MiB
+
+
+def test_a_resumed_backup_does_not_count_a_block_a_killed_gc_deleted(tmp_path, monkeypatch):
+    """gc deletes objects, then their rows: one killed in between leaves rows 'condemned' for
+    objects that are gone. A backup resuming an old pending version counted such a block as stored
+    (condemned after the version's creation) and became valid without it."""
+    repo = _repo(tmp_path)
+    x = os.urandom(4 * MiB)
+    path = _image(tmp_path / "img", [x])
+    old = time.time() - 3600
+    pending = Version(uid="0123456789ab", volume="vol", created=old, size=4 * MiB, block_size=4 * MiB,
+                      heartbeat=old)  # a backup killed an hour ago: not live for gc
+    repo.db.add_version(pending)
+    repo.delete_version(_backup(repo, path, volume="other"))
+    assert collect_garbage(repo).condemned == 1  # x, stamped after the pending version's creation
+    monkeypatch.setattr(type(repo.db), "delete_blocks", lambda self, digests: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # killed after deleting the object, before its row
+        collect_garbage(repo)
+    monkeypatch.undo()
+    assert not repo.store.exists(block_key(block_digest(x)))
+    version = _backup(repo, path)
+    assert version.uid == pending.uid and version.stats["bytes_new"] == 4 * MiB  # stored again
+    out = tmp_path / "out"
+    restore(repo, version, FileTarget(str(out), version.size))
+    assert out.read_bytes() == x

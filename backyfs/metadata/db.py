@@ -316,9 +316,9 @@ class MetadataDB:
                 [(now, d) for d in digests])
 
     def stored_for(self, digest: bytes, since: float) -> bool:
-        """Whether a backup whose version was created at `since` may count digest as stored: it is
-        'ok', or a gc condemned it after that, and gc deletes no block condemned after a live
-        backup started (repository/gc.py). One that was condemned before is written again."""
+        """Whether a backup that started at `since` (holding the activity lock) may count digest as
+        stored: it is 'ok', or a gc condemned it after that, and gc deletes nothing while a backup
+        holds that lock (repository/gc.py). One condemned before is written again."""
         with self.lock:
             row = self.conn.execute("SELECT state, condemned FROM blocks WHERE digest = ?",
                                     (digest,)).fetchone()

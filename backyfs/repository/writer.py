@@ -100,7 +100,7 @@ class BackupWriter:
         # _is_stored). The index is not loaded whole: 2.5M blocks (10 TiB) took 1.6 s and 250 MB.
         self.known: set[bytes] = set()
         self.in_flight: set[bytes] = set()
-        self.since = 0.0  # when the version was created: see MetadataDB.stored_for
+        self.since = 0.0  # when this run started: see _run and MetadataDB.stored_for
         self.unrecorded: list[tuple[bytes, int]] = []  # stored but not yet flushed + recorded
         self.zero = bytes(self.block_size)
 
@@ -118,11 +118,14 @@ class BackupWriter:
 
     def _run(self) -> Version:
         started = time.monotonic()
+        # Blocks gc condemned since now count as stored: it deletes none while this run holds the
+        # activity lock. Not the version's creation: a resumed one's is old, and a gc killed between
+        # deleting objects and their rows leaves rows condemned before this run for objects gone.
+        self.since = time.time()
         plan = self._plan()
         self._check_map_fits(plan)  # before a version exists: a refusal leaves nothing behind
         version = self._open_version()
         self.uid = version.uid
-        self.since = version.created
         self.repo.db.update_version(version.uid, heartbeat=time.time())
         log.debug("%s version %s of %s (parent %s, %d bytes in %d-byte blocks)",
                   "resuming" if self.resumed else "new", version.uid, self.volume, version.parent,
