@@ -80,6 +80,9 @@ def test_devices_no_file_uses_are_closed_beyond_a_few(tmp_path: Path, monkeypatc
             await ops.ensure_partitions(uid)
         assert set(ops.devices.held) == {uids[0], uids[2], uids[3]}
         assert list(ops.devices.idle) == [uids[2], uids[3]]
+        for uid in uids:  # a second visit reopens nothing (the partitions are known)
+            await ops.ensure_partitions(uid)
+        assert set(ops.devices.held) == {uids[0], uids[2], uids[3]}
         in_use.handles -= 1
         await ops.devices.idle_now(uids[0])
         assert set(ops.devices.held) == {uids[0], uids[3]}

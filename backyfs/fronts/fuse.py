@@ -192,9 +192,14 @@ class BackyfsOperations(pyfuse3.Operations):
             self.refreshed = time.monotonic()
 
     async def ensure_partitions(self, uid: str) -> None:
+        held = self.devices.held.get(uid)
+        if uid in self.tree.partitions and uid in self.parts_seen and (
+                held is None or self.parts_seen[uid] == held.writes):
+            return  # read, and not written since (nothing writes through a closed device)
         try:
             held = await self.devices.get(uid)
             if self.parts_seen.get(uid) == held.writes and uid in self.tree.partitions:
+                await self.devices.idle_now(uid)
                 return
             seen, dev = held.writes, held.device
             held.handles += 1  # a refresh that drops the version meanwhile must not close dev under us
