@@ -388,8 +388,9 @@ def test_a_block_map_too_large_for_the_database_is_refused_before_reading(tmp_pa
 
 
 def test_an_older_database_gains_the_parent_index_and_prunes_fast(tmp_path):
-    """Schema 1 had no index on versions.parent: each removal scanned the table. Opening such a
-    database adds it; removing a version still clears its children's parent."""
+    """Databases made before 2026-12-06 have no index on versions.parent: each removal scanned
+    the table. Opening one adds it, and leaves the schema version as it was (an older backyfs still
+    opens the database); removing a version still clears its children's parent."""
     import sqlite3
 
     from backyfs.metadata.db import MetadataDB
@@ -403,14 +404,13 @@ def test_an_older_database_gains_the_parent_index_and_prunes_fast(tmp_path):
     repo.close()
     conn = sqlite3.connect(db_path)
     conn.execute("DROP INDEX versions_by_parent")
-    conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
     db = MetadataDB(db_path)
     plan = " ".join(r[3] for r in db.conn.execute(
         "EXPLAIN QUERY PLAN UPDATE versions SET parent = NULL WHERE parent = ?", (first.uid,)))
     assert "versions_by_parent" in plan, plan
-    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
     db.delete_version(first.uid)
     assert db.get_version(child.uid).parent is None
     db.close()

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from backyfs.errors import BackyfsError, NotFound, StateError
 from backyfs.fsutil import makedirs_private
 from backyfs.metadata.blockmap import BlockMap
-from backyfs.metadata.schema import SCHEMA_VERSION, create_tables
+from backyfs.metadata.schema import ADDED_INDEXES, SCHEMA_VERSION, create_tables
 
 STATES = ("pending", "valid", "invalid")
 KEEP_JOB_RUNS = 100  # runs kept per job (beside its newest successful one): see finish_job_run
@@ -100,13 +100,22 @@ class MetadataDB:
                                f"{_filesystem_trouble(path)}") from None
         self.lock = threading.RLock()
         self.conn = conn
-        if version < SCHEMA_VERSION:  # new or older: an up-to-date one is read without writing to it
-            with self.lock:
+        with self.lock:
+            if version < SCHEMA_VERSION:  # new: one that exists is read without writing to it
+                create_tables(conn)
+            else:
+                self._add_missing_indexes()
+
+    def _add_missing_indexes(self) -> None:
+        """schema.ADDED_INDEXES a database made by an older backyfs lacks (on read-only media it is
+        read without them)."""
+        have = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        for name, sql in ADDED_INDEXES.items():
+            if name not in have:
                 try:
-                    create_tables(conn)
-                except sqlite3.OperationalError:  # an older one on read-only media: read it as it is
-                    if version == 0:
-                        raise
+                    self.conn.execute(sql)
+                except sqlite3.OperationalError:  # read-only, or busy: the next open adds it
+                    pass
 
     def close(self) -> None:
         self.conn.close()
