@@ -68,7 +68,7 @@ def restore(repo: Repository, version: Version, target: RestoreTarget, *, thread
 
     def one(block_idx: int, digest: bytes | None, count: int) -> None:
         offset = block_idx * blockmap.block_size
-        length = min(count * blockmap.block_size, blockmap.size - offset)  # count > 1: holes
+        span = length = min(count * blockmap.block_size, blockmap.size - offset)  # count > 1: holes
         if digest is None:
             if not target.zeroed:
                 target.write_zeroes(offset, length)
@@ -92,7 +92,7 @@ def restore(repo: Repository, version: Version, target: RestoreTarget, *, thread
                 result.bytes_zero += length
             else:
                 result.bytes_written += length
-            done[0] += min(count * blockmap.block_size, blockmap.size - offset)
+            done[0] += span
             if progress:
                 progress(done[0], blockmap.size)
 

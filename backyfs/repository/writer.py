@@ -97,7 +97,7 @@ class BackupWriter:
         self.stats = BackupStats(bytes_total=source.size)
         self.lock = threading.Lock()
         # Digests known stored: this run's, and those the index named usable when looked up (see
-        # _is_stored). The index is not loaded whole: 2.5M blocks (10 TiB) took 1.6 s and 250 MB.
+        # _claim). The index is not loaded whole: 2.5M blocks (10 TiB) took 1.6 s and 250 MB.
         self.known: set[bytes] = set()
         self.in_flight: set[bytes] = set()
         self.since = 0.0  # when this run started: see _run and MetadataDB.stored_for
@@ -172,7 +172,8 @@ class BackupWriter:
         from its parent's map, and counted on what was stored when it started): read them from
         the source again and store them anew, which also repairs the object for other versions."""
         bad = self.repo.db.damaged_digests()  # a few, if any: then those this map names
-        bad &= set(blocks.values()) if bad else set()
+        if bad:
+            bad &= set(blocks.values())
         if not bad:
             return
         with self.lock:
