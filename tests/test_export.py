@@ -5,6 +5,7 @@ The NBD and FUSE tests drive the same core through real servers; these pin its o
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import shutil
@@ -576,3 +577,20 @@ def test_overlay_names_are_the_overlays_list_overlays_shows(tmp_path):
     shown = sorted(o.name for o in list_overlays(str(root)) if o.version_uid == "feedbeef0000")
     assert overlay_names(str(root), "feedbeef0000") == shown == ["a", "b"]
     assert overlay_names(str(root), "000000000000") == []
+
+
+def test_copy_into_without_the_gil_copies_exactly(tmp_path):
+    from backyfs.export.memcopy import MIN_NOGIL_BYTES, copy_into
+
+    payload = os.urandom(3 * MIN_NOGIL_BYTES)
+    (tmp_path / "obj").write_bytes(payload)
+    with open(tmp_path / "obj", "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)  # read-only, as store objects are
+    for src in (payload, memoryview(mapped), memoryview(payload)[5 : 5 + 2 * MIN_NOGIL_BYTES], payload[:100]):
+        buf = bytearray(len(src) + 20)
+        copy_into(memoryview(buf)[10 : 10 + len(src)], src)
+        assert buf == bytes(10) + bytes(src) + bytes(10)
+    with pytest.raises(ValueError):
+        copy_into(memoryview(bytearray(MIN_NOGIL_BYTES)), payload)
+    del src
+    mapped.close()  # BufferError if a view of it leaked

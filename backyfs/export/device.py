@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from backyfs.errors import CorruptObject, StateError
 from backyfs.export.cache import DiskCache, MemoryCache
+from backyfs.export.memcopy import copy_into
 from backyfs.export.overlay import CLEAN, DIRTY, TRIMMED, Overlay
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import Version
@@ -196,7 +197,7 @@ class ExportDevice:
             else:
                 self._maybe_readahead(block_idx)
                 data = self.read_block(block_idx)
-                view[pos : pos + end - start] = memoryview(data)[start:end]
+                copy_into(view[pos : pos + end - start], memoryview(data)[start:end])
             pos += end - start
 
     def prefetch(self, offset: int, length: int) -> None:
