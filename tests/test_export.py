@@ -594,3 +594,24 @@ def test_copy_into_without_the_gil_copies_exactly(tmp_path):
         copy_into(memoryview(bytearray(MIN_NOGIL_BYTES)), payload)
     del src
     mapped.close()  # BufferError if a view of it leaked
+
+
+def test_cached_blocks_hold_no_file_descriptors(tmp_path):
+    """Blocks of a filesystem store are mapped; the memory cache must not keep an fd per block
+    (mmap.mmap did: 64 KiB blocks in a 256 MiB cache ran a server out of fds, reads failed EIO)."""
+    (tmp_path / "disk.img").write_bytes(os.urandom(400 * BS))
+    cfg = Config(data_dir=str(tmp_path / "data"), block_size=BS, cache_memory_mb=64)
+    svc = ExportService(cfg)
+    try:
+        source = FileSource(str(tmp_path / "disk.img"))
+        BackupWriter(svc.repo, source, "vol", block_size=BS).run()
+        source.close()
+        dev = svc.open("vol")
+        fds_before = len(os.listdir("/proc/self/fd"))
+        data = dev.pread(0, dev.size)
+        assert all(svc.fetcher.memory.get(d) is not None for _i, d in dev.blockmap.items())  # all cached
+        assert len(os.listdir("/proc/self/fd")) - fds_before < 20
+        assert data == (tmp_path / "disk.img").read_bytes()
+        dev.close()
+    finally:
+        svc.close()

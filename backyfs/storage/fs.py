@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 
 from backyfs.errors import CorruptObject, ObjectMissing, StoreUnavailable
@@ -22,6 +24,29 @@ def check_key(key: str) -> str:
     if not key or any(p in ("", ".", "..") for p in parts) or "\0" in key:
         raise ValueError(f"invalid object key {key!r}")
     return key
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def map_readonly(fd: int, size: int) -> memoryview:
+    """A read-only view of the first SIZE bytes of FD's file, mapped (MAP_POPULATE: read and mapped
+    in one call, the GIL released), unmapped when the last view of it goes. libc's mmap, not the
+    mmap module: an mmap.mmap keeps a duplicate of the fd for its life (until Python 3.13's
+    trackfd), so a memory cache of mapped blocks held one fd per block and ran out of them (64 KiB
+    blocks: 4,096 in the default 256 MiB cache, past the usual limit of 1,024)."""
+    addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED | mmap.MAP_POPULATE, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    pages = (ctypes.c_char * size).from_address(addr)
+    weakref.finalize(pages, _libc.munmap, addr, size)  # views keep `pages` alive, not just the first
+    return memoryview(pages).cast("B").toreadonly()
 
 
 class FilesystemStore(ObjectStore):
@@ -105,9 +130,7 @@ class FilesystemStore(ObjectStore):
         try:
             if size <= head:  # too short to hold a payload: the caller reports the truncation
                 return os.pread(fd, head, 0), b""
-            # MAP_POPULATE reads and maps every page in one call instead of a fault per page.
-            mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
-            view = memoryview(mapped)
+            view = map_readonly(fd, size)
             return bytes(view[:head]), view[head:]
         except OSError as exc:
             raise StoreUnavailable(f"cannot read {key} from {self.url}: {exc.strerror}") from None
