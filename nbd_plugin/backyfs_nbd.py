@@ -14,6 +14,7 @@ import logging
 import os
 import site
 import sys
+import threading
 import traceback
 
 if os.environ.get("BACKYFS_SITE"):  # the venv with backyfs; addsitedir runs its .pth (editable installs)
@@ -39,6 +40,11 @@ _params: dict[str, str] = {"overlay": "default"}
 _service: ExportService | None = None
 _allowed_names: set[str] = set()  # names from exports=, empty: everything
 _allowed_uids: set[str] = set()  # the versions those names resolved to at start-up
+# Export name -> the version it meant when this server first resolved it. A volume name keeps
+# meaning that version for the server's life: a client that reconnects (qemu does) must find the
+# same disk, not the next backup's with an empty overlay and its own writes gone.
+_pinned: dict[str, str] = {}
+_pinned_lock = threading.Lock()
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -91,7 +97,8 @@ def after_fork() -> None:
     _service = ExportService(load_config(_params.get("config")))
     names = [n.strip() for n in _params.get("exports", "").split(",") if n.strip()]
     _allowed_names.update(names)
-    _allowed_uids.update(_service.resolve(n).uid for n in names)
+    for name in names:
+        _allowed_uids.add(_pin(name))
 
 
 def cleanup() -> None:
@@ -105,7 +112,10 @@ def _writable() -> bool:
 
 # --- exports -------------------------------------------------------------------------------
 def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
-    exports = _service.list_exports()
+    with _pinned_lock:
+        pinned = dict(_pinned)
+    exports = [(n, f"{n}: version {pinned[n]}, fixed while this server runs" if n in pinned else d)
+               for n, d in _service.list_exports()]
     if _allowed_names:
         exports = [(n, d) for n, d in exports if n in _allowed_names or n in _allowed_uids]
     if len(exports) > MAX_EXPORTS:  # one more and nbdkit lists nothing at all
@@ -126,14 +136,32 @@ def default_export(readonly: bool, is_tls: bool) -> str:
     raise NotFound("no default export: name a version or volume")
 
 
+def _pin(name: str) -> str:
+    """The version uid NAME means for this server: resolved at its first use, then fixed."""
+    with _pinned_lock:
+        uid = _pinned.get(name)
+    if uid is None:
+        uid = _service.resolve(name).uid  # validates the untrusted name first
+        if name != uid:
+            with _pinned_lock:
+                uid = _pinned.setdefault(name, uid)
+    return uid
+
+
 def open(readonly: bool) -> ExportDevice:
     try:
         name = nbdkit.export_name()
-        version = _service.resolve(name)  # validates the untrusted name first
-        if _allowed_names and name not in _allowed_names and version.uid not in _allowed_uids:
+        uid = _pin(name)
+        if _allowed_names and name not in _allowed_names and uid not in _allowed_uids:
             raise NotFound(f"export {name!r} is not served")
-        return _service.open(version.uid, writable=_writable() and not readonly,
-                             overlay_name=_params["overlay"])
+        try:
+            return _service.open(uid, writable=_writable() and not readonly,
+                                 overlay_name=_params["overlay"])
+        except NotFound:
+            if name == uid:
+                raise
+            raise NotFound(f"version {uid}, which {name!r} named when this server first opened it, is "
+                           "gone; restart the server to serve the volume's latest version") from None
     except Exception as exc:
         _fail(exc)
 

@@ -209,6 +209,29 @@ def _writes(url: str) -> None:
                "flush")
 
 
+def test_volume_name_keeps_its_version_while_the_server_runs(bk, image, uid, tmp_path):
+    """A client reconnecting by volume name after a newer backup must find the same disk with its
+    writes, not the new version with an empty overlay (qemu reconnects; its guest would see its
+    flushed writes vanish)."""
+    srv = nh.serve(bk, "--writable", "vm1")
+    try:
+        nh.qemu_io(srv.url("vm1"), "write -P 0x42 0 4096", "flush")
+        newer = bk.backup(nh.make_image(tmp_path / "new.img", "RRRR", seed=9), "vm1")
+        assert newer != uid
+        nh.qemu_io(srv.url("vm1"), "read -P 0x42 0 4096")  # a new connection: the same disk
+        size = nh.run("nbdinfo", "--size", srv.url("vm1")).stdout
+        assert int(size) == image.stat().st_size
+        listing = nh.run("nbdinfo", "--list", "--json", srv.url("vm1")).stdout
+        assert uid in listing
+    finally:
+        assert srv.stop()[0] == 0
+    srv = nh.serve(bk, "vm1")  # a new server: the latest version
+    try:
+        assert int(nh.run("nbdinfo", "--size", srv.url("vm1")).stdout) == 4 * BS
+    finally:
+        assert srv.stop()[0] == 0
+
+
 def _expected(image: Path, out: Path) -> Path:
     subprocess.run(["cp", "--sparse=always", image, out], check=True)
     nh.patch(out, BS - 1000, b"\x5a" * 3000)

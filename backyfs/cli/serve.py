@@ -474,11 +474,15 @@ Serve backup versions as NBD block devices with nbdkit, so qemu, qemu-img, nbdco
 nbd-client can boot, inspect or copy any version without restoring it first.
 
 Each valid version is an export named by its uid; a volume name exports that volume's latest valid
-version. EXPORT arguments limit the server to those (unknown names are an error); without them
-every valid version is served. Blocks are fetched from the store on demand, checked against their
-digests and cached in memory (and, for S3 and RADOS stores, in DATA/cache), with readahead for
-sequential reads. A block that is missing or corrupt fails that read with EIO (the server log
-names its index and offset); the rest of the disk stays readable.
+version at the server's first use of that name, and that version stays while the server runs:
+a client that reconnects finds the same disk (and its writes), never a newer backup. Restart the
+server to serve a newer one. EXPORT arguments limit the server to those (unknown names are an
+error); without them every valid version is served.
+
+Blocks are fetched from the store on demand, checked against their digests and cached in memory
+(and, for S3 and RADOS stores, in DATA/cache), with readahead for sequential reads. A block that
+is missing or corrupt fails that read with EIO (the server log names its index and offset); the
+rest of the disk stays readable.
 
 By default the server listens on the unix socket DATA/run/nbd.sock (mode 0600), forks into the
 background and prints the NBD URLs and a qemu command line. --foreground keeps it attached. Stop
