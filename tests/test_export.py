@@ -8,6 +8,7 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import re
 import shutil
 import threading
 import time
@@ -596,7 +597,7 @@ def test_copy_into_without_the_gil_copies_exactly(tmp_path):
     mapped.close()  # BufferError if a view of it leaked
 
 
-def test_cached_blocks_hold_no_file_descriptors(tmp_path):
+def test_cached_blocks_hold_no_file_descriptors_and_stay_resident(tmp_path):
     """Blocks of a filesystem store are mapped; the memory cache must not keep an fd per block
     (mmap.mmap did: 64 KiB blocks in a 256 MiB cache ran a server out of fds, reads failed EIO)."""
     (tmp_path / "disk.img").write_bytes(os.urandom(400 * BS))
@@ -611,6 +612,9 @@ def test_cached_blocks_hold_no_file_descriptors(tmp_path):
         data = dev.pread(0, dev.size)
         assert all(svc.fetcher.memory.get(d) is not None for _i, d in dev.blockmap.items())  # all cached
         assert len(os.listdir("/proc/self/fd")) - fds_before < 20
+        if os.geteuid() == 0:  # locked, so the kernel cannot drop them and read them again unchecked
+            locked_kb = int(re.search(r"VmLck:\s+(\d+)", Path("/proc/self/status").read_text())[1])
+            assert locked_kb * 1024 >= 400 * BS
         assert data == (tmp_path / "disk.img").read_bytes()
         dev.close()
     finally:

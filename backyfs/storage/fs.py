@@ -32,15 +32,27 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
                        ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_LOCKED = 0x2000  # Linux's; not in Python 3.11's mmap module
+_lock_refused = False  # the memlock limit refused once (not root): map unlocked from then on
 
 
 def map_readonly(fd: int, size: int) -> memoryview:
     """A read-only view of the first SIZE bytes of FD's file, mapped (MAP_POPULATE: read and mapped
-    in one call, the GIL released), unmapped when the last view of it goes. libc's mmap, not the
-    mmap module: an mmap.mmap keeps a duplicate of the fd for its life (until Python 3.13's
-    trackfd), so a memory cache of mapped blocks held one fd per block and ran out of them (64 KiB
-    blocks: 4,096 in the default 256 MiB cache, past the usual limit of 1,024)."""
-    addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED | mmap.MAP_POPULATE, fd, 0)
+    in one call, the GIL released), unmapped when the last view of it goes.
+
+    libc's mmap, not the mmap module: an mmap.mmap keeps a duplicate of the fd for its life (until
+    Python 3.13's trackfd), so a memory cache of mapped blocks held one fd per block and ran out of
+    them (64 KiB blocks: 4,096 in the default 256 MiB cache, past the usual limit of 1,024).
+    MAP_LOCKED where the memlock limit allows (root): the kernel may otherwise drop a cached
+    block's pages under memory pressure and read them from disk again, unchecked against the
+    digest that their first read was checked against."""
+    global _lock_refused
+    flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
+    addr = None if _lock_refused else _libc.mmap(None, size, mmap.PROT_READ, flags | _MAP_LOCKED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        if not _lock_refused and ctypes.get_errno() in (errno.EAGAIN, errno.EPERM, errno.ENOMEM):
+            _lock_refused = True
+        addr = _libc.mmap(None, size, mmap.PROT_READ, flags, fd, 0)
     if addr is None or addr == _MAP_FAILED:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
