@@ -243,6 +243,7 @@ def test_gc_deletes_nothing_in_a_store_shared_with_another_database(tmp_path):
     for _ in range(2):
         result = collect_garbage(host_a)
         assert result.foreign == [vb.uid] and result.deleted == 0
+        assert result.strays == 0  # B's blocks are not in A's index, and no strays of A's either
     out = tmp_path / "out"
     restore(host_b, vb, FileTarget(str(out), vb.size))
     assert out.read_bytes() == shared
@@ -460,3 +461,63 @@ def test_a_resumed_backup_does_not_count_a_block_a_killed_gc_deleted(tmp_path, m
     out = tmp_path / "out"
     restore(repo, version, FileTarget(str(out), version.size))
     assert out.read_bytes() == x
+
+
+def test_gc_deletes_blocks_a_killed_backup_stored_but_never_recorded(tmp_path):
+    """A backup records what it stored at checkpoints: killed outright before one, it leaves objects
+    no index row names. gc finds them in the store and deletes them in its two phases; one that a
+    later backup needs again is written again and kept."""
+    repo = _repo(tmp_path)
+    a, lost, needed = (os.urandom(4 * MiB) for _ in range(3))
+    v1 = _backup(repo, _image(tmp_path / "img1", [a]))
+    for data in (lost, needed):  # what the killed backup stored, never recorded
+        repo.write_block(block_digest(data), data)
+    first = collect_garbage(repo)
+    assert (first.strays, first.condemned, first.deleted) == (2, 0, 0)
+    assert repo.store.exists(block_key(block_digest(lost)))
+    v2 = _backup(repo, _image(tmp_path / "img2", [needed]))  # condemned: stored again, "ok" again
+    second = collect_garbage(repo)
+    assert (second.strays, second.deleted) == (0, 1)
+    assert not repo.store.exists(block_key(block_digest(lost)))
+    for version, content in ((v1, a), (v2, needed)):
+        out = tmp_path / f"out-{version.uid}"
+        restore(repo, version, FileTarget(str(out), version.size))
+        assert out.read_bytes() == content
+
+
+def test_gc_keeps_what_a_running_backup_stored_before_recording_it(tmp_path, monkeypatch):
+    """A running backup's stored but not yet recorded block looks like a stray to gc: condemned, it
+    must survive until the backup records it (its row turns 'ok') and references it."""
+    import threading
+
+    repo = _repo(tmp_path)
+    new = os.urandom(4 * MiB)
+    stored, finish = threading.Event(), threading.Event()
+    real_write = type(repo).write_block
+
+    def write_then_wait(self, digest, data):
+        size = real_write(self, digest, data)
+        stored.set()
+        assert finish.wait(30)
+        return size
+
+    monkeypatch.setattr(type(repo), "write_block", write_then_wait)
+    backup_repo = _repo(tmp_path)
+    done: list[object] = []
+    img = _image(tmp_path / "img", [new])
+    thread = threading.Thread(target=lambda: done.append(_backup(backup_repo, img)))
+    thread.start()
+    try:
+        assert stored.wait(30)
+        during = collect_garbage(repo)
+        assert during.strays == 1 and during.deferred and during.deleted == 0
+    finally:
+        finish.set()
+        thread.join(30)
+    for _ in range(2):
+        after = collect_garbage(repo)
+        assert after.deleted == 0 and after.strays == 0
+    assert repo.store.exists(block_key(block_digest(new)))
+    out = tmp_path / "out"
+    restore(repo, done[0], FileTarget(str(out), done[0].size))
+    assert out.read_bytes() == new

@@ -71,6 +71,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
           f"({result.deleted_bytes / 2**20:,.1f} MiB), {would}{'condemn' if would else 'condemned'} "
           f"{result.condemned} newly unreferenced, {would}{'revive' if would else 'revived'} "
           f"{result.revived}, {result.waiting} waiting for running backups")
+    if result.strays:
+        print(f"gc: {result.strays} objects in the store were in no index (a killed backup stored them "
+              f"before recording them): {would}{'condemn' if would else 'condemned'} too")
     if result.foreign:
         print(f"gc: the store holds {len(result.foreign)} version(s) this database does not know "
               f"(another host's, or left out by rebuild-db: {', '.join(result.foreign[:3])}): "

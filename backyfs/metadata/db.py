@@ -324,6 +324,15 @@ class MetadataDB:
                 "UPDATE blocks SET state = 'condemned', condemned = ? WHERE digest = ?",
                 [(now, d) for d in digests])
 
+    def add_condemned(self, digests: Iterable[bytes], now: float) -> None:
+        """Enter objects found in the store without a row (gc's strays) as condemned, size unknown;
+        a row written meanwhile (a backup recording it) is left as it is."""
+        with self._tx() as conn:
+            conn.executemany(
+                "INSERT INTO blocks (digest, stored_size, added, state, condemned) "
+                "VALUES (?, 0, ?, 'condemned', ?) ON CONFLICT (digest) DO NOTHING",
+                [(d, now, now) for d in digests])
+
     def stored_for(self, digest: bytes, since: float) -> bool:
         """Whether a backup that started at `since` (holding the activity lock) may count digest as
         stored: it is 'ok', or a gc condemned it after that, and gc deletes nothing while a backup

@@ -64,7 +64,8 @@ def create_tables(conn: sqlite3.Connection) -> None:
         -- never points at a block a crash could have lost.
         CREATE TABLE IF NOT EXISTS blocks (
             digest      BLOB PRIMARY KEY,           -- 32 bytes
-            stored_size INTEGER NOT NULL,           -- encoded object size (header + payload)
+            stored_size INTEGER NOT NULL,           -- encoded object size (header + payload); 0 for
+                                                    -- a stray gc found in the store (unknown)
             added       REAL NOT NULL,              -- unix time it was recorded
             -- 'condemned': unreferenced when gc last looked; new backups no longer dedup
             -- against it, and the next gc deletes it once no backup older than that is running.

@@ -13,6 +13,11 @@ and the backup's end. gc therefore works in two phases:
    (it was condemned, so not "stored" for that backup) has recorded it by then.
 What may be deleted is read before the block maps are: a backup finishing during the scan of the
 maps is then seen as live, not missed on both sides.
+Strays: a backup records the blocks it stored at checkpoints, so one killed outright (or whose
+database write failed on a full disk) leaves objects in the store that no index row names. gc
+lists the store's blocks and enters those that are backyfs blocks as condemned, so they take the
+same two phases: a running backup that stored one records it (its row turns 'ok'), or references
+it and revives it. Not while the store holds foreign versions: another host's blocks are no strays.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from backyfs.errors import BackyfsError, NotFound
+from backyfs.errors import BackyfsError, CorruptObject, NotFound, ObjectMissing
 from backyfs.repository import mapstore
-from backyfs.repository.repo import Repository, block_key, stored_versions
+from backyfs.repository.repo import Repository, block_key, digest_from_key, stored_versions
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,7 @@ TEMPORARY_MAX_AGE = 6 * 3600.0  # a put's temporary file this old belongs to a k
 @dataclass
 class GcResult:
     condemned: int = 0
+    strays: int = 0  # objects in the store no index row named (a killed backup's): condemned now
     deleted: int = 0
     deleted_bytes: int = 0
     revived: int = 0
@@ -79,6 +85,8 @@ def _collect(repo: Repository, dry_run: bool, alone: bool) -> GcResult:
     oldest_live = min((v.created for v in live), default=float("inf"))
     condemned = repo.db.blocks_in_state("condemned")
     known = repo.db.all_digests()
+    strays = [] if foreign else _strays(repo, known)
+    result.strays = len(strays)
     referenced = referenced_digests(repo)  # after the reads above: see the module's docstring
     revive = [d for d, _ in condemned if d in referenced]
     doomed = [d for d, t in condemned if d not in referenced and (t or now) < oldest_live] if alone else []
@@ -107,4 +115,23 @@ def _collect(repo: Repository, dry_run: bool, alone: bool) -> GcResult:
     repo.db.delete_blocks(doomed)
     # Stamped now, not at the start: a backup that started before this commit may count them stored.
     repo.db.condemn_blocks(fresh, time.time())
+    repo.db.add_condemned(strays, time.time())
     return result
+
+
+def _strays(repo: Repository, known: set[bytes]) -> list[bytes]:
+    """Blocks in the store that the index does not name (see the module's docstring). Each is read
+    and checked against its name first: an object that is not a backyfs block (a bucket shared
+    with another program) is never ours to delete. A killed backup leaves only a few."""
+    out = []
+    for key in repo.store.list("blocks/"):
+        digest = digest_from_key(key)
+        if digest is None or digest in known:
+            continue
+        try:
+            repo.read_block(digest)
+        except (CorruptObject, ObjectMissing) as exc:
+            log.debug("gc: %s is in no index and no block of ours: left alone (%s)", key, exc)
+            continue
+        out.append(digest)
+    return out
