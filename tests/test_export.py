@@ -619,3 +619,27 @@ def test_cached_blocks_hold_no_file_descriptors_and_stay_resident(tmp_path):
         dev.close()
     finally:
         svc.close()
+
+
+def test_a_failed_commit_reports_its_own_error_not_the_overlays_close(service, monkeypatch):
+    """On a full data dir the commit's database write fails, then closing the overlay (its flush)
+    fails too: the first error is the one to report."""
+    import errno
+
+    from backyfs.errors import StoreUnavailable
+
+    dev = service.open("vol", writable=True)
+    dev.pwrite(b"x" * 100, 0)
+    dev.close()
+    uid = service.resolve("vol").uid
+
+    def full(*_args):
+        raise StoreUnavailable("database or disk is full")
+
+    def flush_fails(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(BackupWriter, "run", full)
+    monkeypatch.setattr(Overlay, "flush", flush_fails)
+    with pytest.raises(StoreUnavailable, match="database or disk is full"):
+        commit_overlay(service, uid)

@@ -521,3 +521,29 @@ def test_gc_keeps_what_a_running_backup_stored_before_recording_it(tmp_path, mon
     out = tmp_path / "out"
     restore(repo, done[0], FileTarget(str(out), done[0].size))
     assert out.read_bytes() == new
+
+
+def test_the_error_that_stopped_a_backup_is_the_one_reported(tmp_path, monkeypatch):
+    """On a full disk the store fails first, then recording what was stored fails too (the database
+    shares the disk): the backup must report the store's error, not the database's."""
+    import sqlite3
+
+    from backyfs.errors import StoreUnavailable
+
+    repo = _repo(tmp_path)
+    writes = []
+
+    def full_after_one(self, digest, data):
+        if writes:
+            raise StoreUnavailable("store is full")
+        writes.append(digest)
+        return real_write(self, digest, data)
+
+    def db_full(self, blocks):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    real_write = type(repo).write_block
+    monkeypatch.setattr(type(repo), "write_block", full_after_one)
+    monkeypatch.setattr(type(repo.db), "add_blocks", db_full)
+    with pytest.raises(StoreUnavailable, match="store is full"):
+        _backup(repo, _image(tmp_path / "img", [os.urandom(4 * MiB) for _ in range(4)]))

@@ -7,6 +7,7 @@ version uid or a volume name, and only valid versions are exported.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import weakref
@@ -21,6 +22,7 @@ from backyfs.metadata.db import Version
 from backyfs.repository.extents import Extent
 from backyfs.repository.writer import COMMIT_LABEL, BackupWriter
 
+log = logging.getLogger(__name__)
 _EXPORT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -153,8 +155,14 @@ def commit_overlay(service: ExportService, version_uid: str, overlay_name: str =
                               labels={**(labels or {}), COMMIT_LABEL: origin},
                               threads=service.cfg.threads, sample_percent=0)
         new_version = writer.run()
-    finally:
-        device.close()
+    except BaseException as exc:
+        try:  # its flush fails too on a full disk: the error to report is the first one
+            device.close()
+        except Exception as close_exc:
+            log.debug("closing overlay %s of %s failed (%s) after: %s", overlay_name, version.uid,
+                        close_exc, exc)
+        raise
+    device.close()
     if not keep:
         discard_overlay(service.cfg.overlay_dir, version.uid, overlay_name)
     return new_version

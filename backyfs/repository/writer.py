@@ -135,12 +135,12 @@ class BackupWriter:
                   len(plan.base) - sum(1 for i in plan.to_read if i in plan.base))
         try:
             blocks = self._process(plan)
-        except HintsMismatch:
-            self.repo.set_state(version, "invalid")
+        except BaseException as exc:
+            if isinstance(exc, HintsMismatch):
+                self.repo.set_state(version, "invalid")
+            self._flush_after(exc)
             raise
-        finally:
-            # Whatever was stored so far is recorded, so a re-run skips it.
-            self._flush()
+        self._flush()
         self._repair_damaged(blocks)
         blockmap = BlockMap.from_mapping(self.source.size, self.block_size, blocks)
         self.stats.seconds = round(time.monotonic() - started, 3)
@@ -358,6 +358,15 @@ class BackupWriter:
         with self.lock:
             for name, value in amounts.items():
                 setattr(self.stats, name, getattr(self.stats, name) + value)
+
+    def _flush_after(self, exc: BaseException) -> None:
+        """Record whatever was stored so far, so a re-run skips it; a failure to (the database on
+        the same full disk) must not hide the error that stopped the backup. gc finds what stays
+        unrecorded (strays)."""
+        try:
+            self._flush()
+        except Exception as flush_exc:
+            log.debug("could not record the blocks stored so far (%s) after: %s", flush_exc, exc)
 
     def _flush(self) -> None:
         """Make stored blocks durable, then record them: the index never names a lost block."""
