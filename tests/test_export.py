@@ -643,3 +643,38 @@ def test_a_failed_commit_reports_its_own_error_not_the_overlays_close(service, m
     monkeypatch.setattr(Overlay, "flush", flush_fails)
     with pytest.raises(StoreUnavailable, match="database or disk is full"):
         commit_overlay(service, uid)
+
+
+def test_a_version_being_read_is_not_removed_under_its_reader(service, tmp_path, monkeypatch):
+    """rm, prune and a job's keep removed versions an export or a restore was reading; gc then
+    deleted their blocks and the reader got EIO. A device and a restore now hold the version."""
+    from backyfs.config import open_repository
+    from backyfs.repository import restore as restore_mod
+    from backyfs.sources.file import FileTarget
+
+    other = open_repository(service.cfg)  # another process's rm
+    version = service.resolve("vol")
+    dev = service.open("vol")
+    with pytest.raises(StateError, match="being read by a running server"):
+        other.delete_version(version)
+    dev.close()
+
+    refused = []
+    real_read = type(other).read_block
+
+    def read_and_try_rm(self, digest):
+        if not refused:
+            with pytest.raises(StateError):
+                other.delete_version(version)
+            refused.append(True)
+        return real_read(self, digest)
+
+    monkeypatch.setattr(type(other), "read_block", read_and_try_rm)
+    out = tmp_path / "restored"
+    restore_mod.restore(service.repo, version, FileTarget(str(out), version.size))
+    assert refused and out.read_bytes() == (tmp_path / "disk.img").read_bytes()
+    monkeypatch.undo()
+    other.delete_version(version)  # nobody reads it now
+    with pytest.raises(BackyfsError):
+        service.open(version.uid)
+    other.close()

@@ -46,7 +46,8 @@ def test_partition_scan_keeps_its_device_open_while_the_version_goes(tmp_path: P
             await trio.to_thread.run_sync(scanning.wait)
             real_close = ops.devices.held[version.uid].device.close
             ops.devices.held[version.uid].device.close = lambda: (closes.append("x"), real_close())[1]
-            svc.repo.delete_version(version, force=True)
+            # Its rows only: rm itself now waits for the device (its hold), as an older rm did not.
+            svc.repo.db.delete_version(version.uid, force=True)
             await ops.refresh(force=True)
             assert closes == []  # not while the scan reads it
             finish.set()
@@ -130,4 +131,35 @@ def test_refresh_rebuilds_the_tree_only_when_versions_changed(tmp_path: Path, mo
     other.close()
     source.close()
     ops.devices.close_all()
+    svc.close()
+
+
+def test_an_idle_device_does_not_keep_its_version_from_rm(tmp_path: Path) -> None:
+    """The mount keeps recently used devices open when no file uses them: they must not hold their
+    version against rm, and one whose version went is not used again (its blocks may be gone)."""
+    import pytest
+
+    from backyfs.errors import NotFound, StateError
+
+    (tmp_path / "disk.img").write_bytes(bytes(range(256)) * (4 * BS // 256))
+    svc = ExportService(Config(data_dir=str(tmp_path / "data"), block_size=BS))
+    source = FileSource(str(tmp_path / "disk.img"))
+    version = BackupWriter(svc.repo, source, "vol", block_size=BS).run()
+    source.close()
+    ops = fuse_front.BackyfsOperations(svc)
+
+    async def scenario() -> None:
+        held = await ops.devices.get(version.uid)
+        held.handles += 1  # a file is open
+        with pytest.raises(StateError):
+            svc.repo.delete_version(version)
+        held.handles -= 1
+        await ops.devices.idle_now(version.uid)
+        assert version.uid in ops.devices.held  # still open, idle
+        svc.repo.delete_version(version)
+        with pytest.raises(NotFound):
+            await ops.devices.get(version.uid)
+        assert version.uid not in ops.devices.held
+
+    trio.run(scenario)
     svc.close()

@@ -15,7 +15,7 @@ import weakref
 from backyfs.config import Config, open_repository
 from backyfs.errors import BackyfsError, NotFound
 from backyfs.export.cache import DiskCache, MemoryCache
-from backyfs.export.device import READAHEAD_BLOCKS, BlockFetcher, ExportDevice
+from backyfs.export.device import READAHEAD_BLOCKS, BlockFetcher, ExportDevice, VersionHold
 from backyfs.export.overlay import Overlay, discard_overlay, list_overlays
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import Version
@@ -69,6 +69,16 @@ class ExportService:
         missing or corrupt fail their reads), for copying out what is intact."""
         with self.lock:  # the metadata connection is shared; keep opens serial
             version = self.resolve(name, valid_only)
+            hold = VersionHold(self.repo, version.uid)
+            hold.take()
+        try:
+            return self._open(version, hold, writable, overlay_name)
+        except BaseException:
+            hold.drop()
+            raise
+
+    def _open(self, version: Version, hold: VersionHold, writable: bool, overlay_name: str) -> ExportDevice:
+        with self.lock:
             blockmap = self.maps.get(version.uid)
         if blockmap is None:  # loaded outside the lock: a big map takes a second, other opens go on
             loaded = self.repo.blockmap(version)
@@ -77,10 +87,10 @@ class ExportService:
         # Readahead lands in the memory cache: at most a quarter of it, or blocks go before they are read.
         readahead = min(READAHEAD_BLOCKS, (self.cfg.cache_memory_mb << 20) // (4 * version.block_size))
         if not writable:
-            return ExportDevice(version, blockmap, self.fetcher, readahead_blocks=readahead)
+            return ExportDevice(version, blockmap, self.fetcher, readahead_blocks=readahead, hold=hold)
         overlay = self._acquire_overlay(version, overlay_name)
         return ExportDevice(version, blockmap, self.fetcher, overlay, readahead_blocks=readahead,
-                            release=self._release_overlay)
+                            release=self._release_overlay, hold=hold)
 
     def _acquire_overlay(self, version: Version, name: str) -> Overlay:
         with self.lock:

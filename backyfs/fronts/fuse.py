@@ -110,11 +110,18 @@ class Devices:
     async def get(self, uid: str, for_write: bool = False) -> Held:
         async with self.locks.setdefault(uid, trio.Lock()):  # one open (and overlay lock) per version
             held = self.held.get(uid)
+            if held is not None and uid in self.idle and held.device.hold is not None:
+                try:  # its hold was dropped while idle: the version may be gone
+                    await self.run(held.device.hold.take)
+                except NotFound:
+                    await self.close_unused({uid})
+                    raise
             if held is None:
                 held = self.held[uid] = Held(await self.run(self._open, uid, for_write))
             elif for_write and not held.device.writable:
                 # Same data before and after: the overlay is new and empty (else it was open already).
-                held.device = await self.run(self._open, uid, True)
+                read_only, held.device = held.device, await self.run(self._open, uid, True)
+                await self.run(read_only.close)
             self.idle.pop(uid, None)
             return held
 
@@ -125,6 +132,8 @@ class Devices:
         held = self.held.get(uid)
         if held is None or held.handles:
             return
+        if held.device.hold is not None:  # an idle device must not keep rm from removing it
+            await self.run(held.device.hold.drop)
         self.idle.pop(uid, None)
         self.idle[uid] = None
         while len(self.idle) > MAX_IDLE_DEVICES:

@@ -3,12 +3,15 @@ backup takes its volume's lock, and with it its RBD snapshot, before the reposit
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
+import time
+from collections.abc import Iterator
 from typing import IO
 
-from backyfs.errors import AlreadyRunning, BackyfsError
+from backyfs.errors import AlreadyRunning, BackyfsError, StateError
 from backyfs.fsutil import makedirs_private
 
 _VOLUME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -62,3 +65,53 @@ def running_backup(db_path: str) -> str | None:
         finally:
             os.close(fd)
     return None
+
+
+# --- readers of a version -----------------------------------------------------------------
+# Servers (serve, mount, restore-file) hold a shared lock per version they read; rm and prune take
+# it exclusively while they remove one, so a version being read is never removed under its reader
+# (gc would then delete its blocks, and reads fail with EIO).
+READER_WAIT = 30.0  # an rm holds it for one version's removal: longer means a stopped process
+
+
+def _reader_lock_name(uid: str) -> str:
+    return f".reader-{uid}.lock"  # a leading dot: never a volume's lock (running_backup skips them)
+
+
+def hold_reader(db_path: str, uid: str) -> int | None:
+    """A shared lock on version UID for as long as the returned fd is open. None when its file
+    cannot be made (read-only media, where nothing can remove a version either)."""
+    try:
+        fd = open_lock_file(db_path, _reader_lock_name(uid))
+    except OSError:
+        return None
+    deadline = time.monotonic() + READER_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                path = lock_path(db_path, _reader_lock_name(uid))
+                raise StateError(f"version {uid} has been being removed for {READER_WAIT:g} s (a stopped "
+                                 f"rm or prune? fuser -v {path})") from None
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def no_readers(db_path: str, uid: str) -> Iterator[None]:
+    """Held while version UID is removed; StateError at once if a server is reading it."""
+    fd = open_lock_file(db_path, _reader_lock_name(uid))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateError(f"version {uid} is being read by a running server (backyfs serve, mount or "
+                             f"restore-file): stop it first (fuser -v "
+                             f"{lock_path(db_path, _reader_lock_name(uid))})") from None
+        yield
+        with contextlib.suppress(OSError):  # removed: its lock file is of no more use
+            os.unlink(lock_path(db_path, _reader_lock_name(uid)))
+    finally:
+        os.close(fd)

@@ -19,7 +19,8 @@ from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import MetadataDB, Version
 from backyfs.repository import mapstore
 from backyfs.repository.locks import UID_RE as _UID_RE
-from backyfs.repository.locks import lock_path, open_lock_file
+from backyfs.repository.locks import hold_reader as _hold_reader
+from backyfs.repository.locks import lock_path, no_readers, open_lock_file
 from backyfs.storage import codec
 from backyfs.storage.base import ObjectStore
 
@@ -238,8 +239,20 @@ class Repository:
                 self.db.set_labels(version.uid, labels or {}, remove=remove)
             self._put_meta(self.db.get_version(version.uid))
 
+    def hold_reader(self, uid: str) -> int | None:
+        """Keep version UID from being removed until the returned fd is closed (locks.hold_reader);
+        NotFound if it went before the lock was had."""
+        fd = _hold_reader(self.db.path, uid)
+        try:
+            self.db.get_version(uid)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        return fd
+
     def delete_version(self, version: Version, force: bool = False) -> None:
-        with self.versions_lock():
+        with self.versions_lock(), no_readers(self.db.path, version.uid):
             self.db.check_deletable(version.uid, force=force)
             # The store's copy first: a crash or a dead store in between must not leave metadata
             # that rebuild-db would bring back as a valid version whose blocks gc has since deleted.

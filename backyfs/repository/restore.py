@@ -7,6 +7,7 @@ its range is left as zeros, the rest is restored, and the caller gets a non-zero
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,16 @@ class RestoreFailed(BackyfsError):
 
 def restore(repo: Repository, version: Version, target: RestoreTarget, *, threads: int = 4,
             progress: Callable[[int, int], None] | None = None) -> RestoreResult:
+    reader = repo.hold_reader(version.uid)  # no rm (and gc) of it while it is read
+    try:
+        return _restore(repo, version, target, threads=threads, progress=progress)
+    finally:
+        if reader is not None:
+            os.close(reader)
+
+
+def _restore(repo: Repository, version: Version, target: RestoreTarget, *, threads: int,
+             progress: Callable[[int, int], None] | None) -> RestoreResult:
     import time
 
     started = time.monotonic()
