@@ -264,6 +264,28 @@ def test_metadata_on_a_full_or_read_only_filesystem_says_so(small_tmpfs: Path, t
     assert_one_line_error(res, rc=1, contains="read-only")
 
 
+def test_a_cleanly_closed_repository_on_read_only_media_is_listed_and_restored(small_tmpfs: Path,
+                                                                                 tmp_path: Path) -> None:
+    """A WAL database without its -shm file (every cleanly closed one) could not be opened on a
+    read-only filesystem at all; the test above left -shm behind by failing first."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKYFS_")}
+    env["BACKYFS_DATA_DIR"] = str(small_tmpfs / "data")
+
+    def run(*args: str) -> Result:
+        proc = subprocess.run([BACKYFS, *args], env=env, capture_output=True, text=True, timeout=120)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    assert run("backup", str(write_image(tmp_path / "img", ["text", "rand"])), "vm").rc == 0
+    assert not list((small_tmpfs / "data").glob("*-shm"))
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    listing = run("ls", "--json")
+    assert listing.rc == 0, listing.err
+    assert [v["state"] for v in listing.json()] == ["valid"]  # type: ignore[union-attr]
+    assert run("restore", "vm", str(tmp_path / "out")).rc == 0
+    assert files_equal(tmp_path / "img", tmp_path / "out")
+    assert_one_line_error(run("backup", str(tmp_path / "img"), "vm"), rc=1, contains="read-only")
+
+
 def test_restore_onto_a_full_disk_removes_what_it_created(repo_env: RepoEnv, small_tmpfs: Path,
                                                           tmp_path: Path) -> None:
     """A restore that stops part-way leaves no full-size file that looks complete: one it created is

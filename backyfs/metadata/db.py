@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import sqlite3
 import threading
 import time
@@ -67,6 +68,34 @@ def _filesystem_trouble(path: str) -> str:
     return ""
 
 
+def _connect(path: str) -> tuple[sqlite3.Connection, int]:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn, conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def _connect_read_only_media(path: str) -> sqlite3.Connection | None:
+    """A cleanly closed database on a read-only filesystem (a backup disk mounted ro): SQLite
+    cannot open a WAL database there without its -shm file, which only a writer makes. Nothing can
+    change it, so it is opened immutable; not when a -wal file holds changes it would not see."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        if not os.statvfs(directory).f_flag & os.ST_RDONLY or not os.path.isfile(path):
+            return None
+        if os.path.exists(f"{path}-wal") and os.path.getsize(f"{path}-wal") > 0:
+            return None
+        conn = sqlite3.connect(f"{pathlib.Path(os.path.abspath(path)).as_uri()}?immutable=1", uri=True,
+                               check_same_thread=False, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA user_version").fetchone()
+        return conn
+    except (OSError, sqlite3.DatabaseError):
+        return None
+
+
 # Columns of the versions table that update_version may set (labels live in their own table).
 _UPDATABLE = set(Version.__dataclass_fields__) - {"uid", "labels"}
 
@@ -81,15 +110,13 @@ class MetadataDB:
         self.path = path
         try:
             makedirs_private(os.path.dirname(os.path.abspath(path)))
-            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            conn, version = _connect(path)
         except sqlite3.DatabaseError as exc:
-            raise BackyfsError(f"cannot open metadata database {path}: {exc}{_filesystem_trouble(path)}") \
-                from None
+            conn = _connect_read_only_media(path)
+            if conn is None:
+                raise BackyfsError(f"cannot open metadata database {path}: {exc}"
+                                   f"{_filesystem_trouble(path)}") from None
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise BackyfsError(f"{path} has schema version {version}; this backyfs knows {SCHEMA_VERSION}")
         try:
