@@ -262,10 +262,15 @@ def open_store(cfg: Config, *, read_mb_s: float | None = None, write_mb_s: float
 def require_repository(cfg: Config) -> None:
     """Commands that read a repository refuse a data directory without one: a typo in --config or
     $BACKYFS_DATA_DIR must not show an empty new repository as if the backups were gone."""
-    if not os.path.exists(cfg.db_path):
+    try:
+        os.stat(cfg.db_path)
+    except PermissionError:  # not "no repository": that would advise init or rebuild-db over it
+        raise ConfigError(f"cannot read the repository in {cfg.data_dir}: permission denied "
+                          "(it is another user's; run as its owner)") from None
+    except OSError:
         raise ConfigError(f"no repository in {cfg.data_dir} (no {os.path.basename(cfg.db_path)}): check "
                           f"--config and ${ENV_DATA_DIR}; 'backyfs init' or a first backup makes one, "
-                          "'backyfs rebuild-db' recovers one from its store")
+                          "'backyfs rebuild-db' recovers one from its store") from None
 
 
 def open_repository(cfg: Config, **limits: float | None):

@@ -654,3 +654,26 @@ def test_ctrl_c_while_the_command_line_loads_is_one_line(monkeypatch, capsys) ->
     monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
     assert entry.main() == 130
     assert capsys.readouterr().err == "backyfs: interrupted\n"
+
+
+def test_commands_that_read_a_repository_do_not_make_one(repo_env: RepoEnv) -> None:
+    """`jobs` made an empty database in a mistyped data dir (after which `ls` showed no backups
+    instead of "no repository"), and `overlay ls` listed nothing there with success."""
+    repo_env.use_config('[jobs.web]\nsource = "/dev/null"\n')
+    res = repo_env.run("jobs")
+    assert res.rc == 3 and "never run" in res.out, res
+    assert not repo_env.db_path.exists()
+    assert_one_line_error(repo_env.run("overlay", "ls"), rc=1, contains="no repository")
+    assert_one_line_error(repo_env.run("ls"), rc=1, contains="no repository")
+
+
+def test_a_repository_this_user_may_not_read_is_not_called_missing(repo_env: RepoEnv, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch users")
+    repo_env.ok("init")
+    os.chmod(repo_env.data_dir, 0o700)
+    env = {**repo_env.env, "HOME": str(tmp_path)}
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", BACKYFS, "ls"],
+                          env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    res = Result(proc.returncode, proc.stdout, proc.stderr)
+    assert_one_line_error(res, rc=1, contains="permission denied")

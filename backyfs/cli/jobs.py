@@ -107,7 +107,8 @@ def _when(stamp: float | None) -> str:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    runs = open_repository(cfg).db.last_job_runs()
+    # No repository yet (or a mistyped data dir): every job never ran; none is made by looking.
+    runs = open_repository(cfg).db.last_job_runs() if os.path.exists(cfg.db_path) else {}
     now = time.time()
     rows = []
     for name in sorted(cfg.jobs):  # a job taken out of the config is no longer watched

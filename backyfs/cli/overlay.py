@@ -9,7 +9,7 @@ import re
 import time
 
 from backyfs.cli.commands import _labels, _print_json
-from backyfs.config import Config, load_config
+from backyfs.config import Config, load_config, require_repository
 from backyfs.errors import NotFound
 
 
@@ -36,6 +36,7 @@ def cmd_overlay_ls(args: argparse.Namespace) -> int:
     from backyfs.export.overlay import list_overlays
 
     cfg = load_config(args.config)
+    require_repository(cfg)  # an empty list for a mistyped data dir would look like lost overlays
     rows = []
     for info in list_overlays(cfg.overlay_dir):
         meta = _read_meta(info.path)
