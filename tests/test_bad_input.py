@@ -442,6 +442,22 @@ def test_a_reader_that_goes_away_ends_output_quietly(repo_env: RepoEnv, image: P
     assert (proc.returncode, proc.stderr) == (141, "")
 
 
+def test_a_reader_that_leaves_after_part_of_a_long_output_gets_141(repo_env: RepoEnv, image: Path) -> None:
+    """`backyfs label ... | head -c1` with over 64 KiB to print: the one large write was cut short
+    without an error, and the command exited 0 with its output truncated."""
+    uid = repo_env.backup(image, "vm")["uid"]
+    labels = [f"k{i}={'v' * 30_000}" for i in range(4)]
+    proc = subprocess.run(f"{BACKYFS} label {uid} {' '.join(labels)} | head -c1 >/dev/null; "
+                          "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", env=repo_env.env,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
+def test_labels_with_control_characters_are_refused(repo_env: RepoEnv, image: Path) -> None:
+    uid = repo_env.backup(image, "vm")["uid"]
+    assert_one_line_error(repo_env.run("label", uid, "k=a\nfake-row"), rc=2, contains="control characters")
+
+
 def test_every_command_explains_itself() -> None:
     """--help of every command has a description beyond its one-line summary, and every argument and
     option of every command (subcommands included) says what it is."""

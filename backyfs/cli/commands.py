@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from collections.abc import Callable
 
 from backyfs.cli import helptext
@@ -64,6 +65,8 @@ def _labels(pairs: list[str]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UsageError(f"bad label {pair!r}: use key=value")
+        if any(unicodedata.category(c) == "Cc" for c in pair):  # a newline would forge rows of ls
+            raise UsageError(f"bad label {pair!r}: control characters are not allowed")
         out[key] = value
     return out
 
@@ -71,8 +74,15 @@ def _labels(pairs: list[str]) -> dict[str, str]:
 def _print_json(data: object) -> None:
     import json
 
-    # One write: json.dump writes token by token, a syscall each when stdout is unbuffered.
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    # Not token by token (json.dump): a syscall each when stdout is unbuffered.
+    write_out(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_out(text: str) -> None:
+    """Print TEXT in 64 KiB pieces: one larger write to a pipe whose reader left (`| head`) was cut
+    short without an error, so the command exited 0 with its output truncated."""
+    for start in range(0, len(text), 1 << 16):
+        sys.stdout.write(text[start : start + (1 << 16)])
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -242,12 +252,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
         return 0
-    fmt = "{:<12}  {:<20}  {:<19}  {:<7}  {:>10}  {:<12}  {}"
+    width = max([20, *(len(r["volume"]) for r in rows)])  # whole names: two may share 20 characters
+    fmt = "{:<12}  {:<" + str(width) + "}  {:<19}  {:<7}  {:>10}  {:<12}  {}"
     print(fmt.format("UID", "VOLUME", "CREATED", "STATE", "SIZE", "PARENT", "LABELS"))
     for r in rows:
         labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items()))
         flag = "P" if r["protected"] else ""
-        print(fmt.format(r["uid"], r["volume"][:20], r["created"], r["state"] + flag,
+        print(fmt.format(r["uid"], r["volume"], r["created"], r["state"] + flag,
                          _human(r["size"]), r["parent"] or "-", labels))
     return 0
 
@@ -325,7 +336,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     repo.update_version(version, labels=_labels(args.labels), remove=args.remove or [])
     import json
 
-    print(json.dumps(repo.db.get_version(version.uid).labels, sort_keys=True))
+    write_out(json.dumps(repo.db.get_version(version.uid).labels, sort_keys=True) + "\n")
     return 0
 
 

@@ -82,8 +82,10 @@ examples:
 
 INIT = """\
 Create the data directory, the store and the metadata database of the configuration (--config,
-$BACKYFS_CONFIG, or the embedded default: everything in $BACKYFS_DATA_DIR). Every command does
-this on first use; init only does it ahead of time, e.g. to check an S3 or RADOS configuration."""
+$BACKYFS_CONFIG, or the embedded default: everything in $BACKYFS_DATA_DIR). A first backup (or
+rebuild-db) does this too; the commands that read a repository refuse a data directory without one,
+so that a mistyped path does not look like lost backups. Use init ahead of time, e.g. to check an
+S3 or RADOS configuration."""
 
 LS = """\
 List versions, oldest first: uid, volume, creation time, state (valid; pending while a backup

@@ -3,7 +3,8 @@
 Jobs are [jobs.NAME] tables in the config (source, volume, labels, args, max_age_hours, keep).
 Each run is recorded in the metadata DB; the monitor reports each configured job's last run and
 exits 3 when one failed, died (its process is gone while the run says 'running'), hung (still
-running after max_age_hours) or is overdue, so a monitoring system can call it as a check.
+running after max_age_hours), is overdue (no good run within max_age_hours) or never ran, so a
+monitoring system can call it as a check.
 """
 
 from __future__ import annotations
