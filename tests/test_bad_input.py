@@ -388,10 +388,12 @@ def test_hints_without_a_parent(repo_env: RepoEnv, image: Path, tmp_path: Path) 
                                   ["label", "vm", "novalue"], ["backup", "{img}", "vm", "--label", "=x"],
                                   ["serve", "--listen", "127.0.0.1:99999", "vm"],
                                   ["serve", "--overlay", "x", "vm"], ["prune"],
-                                  ["mount", "--overlay", "x", "{tmp}"], ["backup", "{img}", "cafe"]],
+                                  ["mount", "--overlay", "x", "{tmp}"], ["backup", "{img}", "cafe"],
+                                  ["scrub", "nosuch", "--all"], ["backup", "{img}", "vm", "--full", "--hints",
+                                                                 "{img}"]],
                          ids=["scrub-nothing", "percent-0", "bad-label", "bad-backup-label", "serve-port",
                               "overlay-read-only", "prune-no-rule", "mount-overlay-read-only",
-                              "hex-volume-name"])
+                              "hex-volume-name", "scrub-version-and-all", "full-with-hints"])
 def test_usage_errors(repo_env: RepoEnv, with_version: str, image: Path, tmp_path: Path,
                       args: list[str]) -> None:
     """A command line that asks for something impossible: exit 2, as argparse's own errors."""

@@ -99,6 +99,8 @@ def _choose_parent(repo, args: argparse.Namespace, volume: str):
             raise BackyfsError(f"parent {parent.uid} belongs to volume {parent.volume}, not {volume}")
         return parent
     if args.full:
+        if args.hints:
+            raise UsageError("--hints name what changed since a parent; --full reads everything")
         return None
     parent = repo.latest_valid(volume)
     if parent is None and (args.incremental or args.hints):

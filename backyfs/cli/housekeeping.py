@@ -20,6 +20,8 @@ from backyfs.errors import NotFound, StateError
 
 
 def _scrub_versions(repo, args: argparse.Namespace) -> list:
+    if args.all and args.version:  # a mistyped VERSION must not pass unseen
+        raise UsageError("give a VERSION or --all, not both")
     if args.all:
         return [v for v in repo.db.versions() if v.state != "pending"]
     if not args.version:

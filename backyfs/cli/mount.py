@@ -38,7 +38,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     overlay = check_overlay_name(args.overlay or "default")
     mountpoint = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mountpoint):
-        raise BackyfsError(f"mount point {mountpoint} is not a directory")
+        what = "is not a directory" if os.path.exists(mountpoint) else "does not exist (mkdir it first)"
+        raise BackyfsError(f"mount point {mountpoint} {what}")
     if _backyfs_mounted(mountpoint):  # a second mount would hide the first one, still running
         raise BackyfsError(f"backyfs is already mounted on {mountpoint}; unmount it first: "
                            f"fusermount3 -u {mountpoint}")

@@ -20,8 +20,9 @@ UID_RE = re.compile(r"^[0-9a-f]{12}$")
 
 def check_volume_name(volume: str) -> str:
     if not _VOLUME_RE.match(volume) or UID_RE.match(volume):
-        raise BackyfsError(f"invalid volume name {volume!r}: use letters, digits, '.', '_' and '-' "
-                           "(up to 128, not 12 hex digits, which look like a version uid)")
+        raise BackyfsError(f"invalid volume name {volume!r}: use letters, digits, '.', '_' and '-', "
+                           "starting with a letter or digit (up to 128, not 12 hex digits, which look "
+                           "like a version uid)")
     return volume
 
 
