@@ -290,6 +290,33 @@ def test_rebuild_db_leaves_out_a_version_with_damaged_metadata(repo_env: RepoEnv
     assert files_equal(img, restore_to(repo_env, v2, tmp_path / "r2"))
 
 
+def test_rebuild_db_refuses_a_block_map_swapped_or_flipped_in_the_store(repo_env: RepoEnv,
+                                                                         tmp_path: Path) -> None:
+    """Another version's block map copied over one (or one bit flipped in it) decoded, passed every
+    check and, after rebuild-db, restored the wrong data with exit 0. Maps are sealed to their
+    version now; deep-scrub seals the maps an older backyfs wrote."""
+    img = write_image(tmp_path / "img", ["rand", "text", "rand"])
+    v1 = repo_env.backup(img, "vm")["uid"]
+    overwrite_blocks(img, [1])
+    v2 = repo_env.backup(img, "vm")["uid"]
+    maps = {v: repo_env.store_dir / "versions" / v / "blockmap" for v in (v1, v2)}
+    maps[v1].write_bytes(maps[v2].read_bytes())
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{repo_env.db_path}{suffix}").unlink(missing_ok=True)
+    res = repo_env.run("rebuild-db")
+    assert res.rc == 3 and v1 in res.err and f"holds the block map of version '{v2}'" in res.err, res.err
+    assert [v["uid"] for v in repo_env.versions()] == [v2]
+    assert files_equal(img, restore_to(repo_env, v2, tmp_path / "r2"))
+
+    from backyfs.storage import codec
+
+    sealed = codec.decode(maps[v2].read_bytes())
+    raw = sealed[len(b"BKYSEAL1") + 1 + len(v2) + 32 :]
+    maps[v2].write_bytes(codec.encode(raw))  # as an older backyfs wrote it: read, and sealed by deep-scrub
+    assert repo_env.run("deep-scrub", v2).rc == 0
+    assert codec.decode(maps[v2].read_bytes()) == sealed
+
+
 def test_labels_protect_show_ls_rm(repo_env: RepoEnv, tmp_path: Path) -> None:
     img = write_image(tmp_path / "img", ["rand", "text"])
     v1 = repo_env.backup(img, "vm", "--label", "a=1", "--label", "b=2")["uid"]

@@ -8,6 +8,11 @@ written first, and an index at `versions/<uid>/blockmap`, written last, that nam
 stored length and BLAKE2b digest. The map is in the store once its index is; a part that a later
 save of the same version (a resumed backup) was rewriting when it crashed fails its digest check
 instead of being read as part of the map. A smaller map stays one object, as it always was.
+
+The object at `versions/<uid>/blockmap` is sealed: it names its version's uid and the BLAKE2b
+digest of what follows, so a damaged map, or another version's, is refused instead of restoring
+the wrong data after a rebuild-db (zstd frames carry no checksum, and a raw one none at all).
+Maps written before sealing are still read (deep-scrub rewrites them sealed).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from backyfs.storage.base import ObjectStore
 
 PART_BYTES = 32 << 20
 _INDEX_MAGIC = b"BKYPARTS"
+_SEAL_MAGIC = b"BKYSEAL1"  # then: uid length (1 byte), uid, BLAKE2b-256 of the rest
 
 
 def map_key(uid: str) -> str:
@@ -35,10 +41,30 @@ def _part_digest(obj: bytes) -> str:
     return hashlib.blake2b(obj, digest_size=32).hexdigest()
 
 
+def _seal(uid: str, inner: bytes) -> bytes:
+    name = uid.encode()
+    return _SEAL_MAGIC + bytes([len(name)]) + name + hashlib.blake2b(inner, digest_size=32).digest() + inner
+
+
+def _unseal(key: str, uid: str, obj: bytes) -> tuple[bytes, bool]:
+    """(what the seal covers, True), or (obj, False) for a map written before maps were sealed."""
+    if not obj.startswith(_SEAL_MAGIC):
+        return obj, False
+    pos = len(_SEAL_MAGIC)
+    name_len = obj[pos] if len(obj) > pos else 0
+    name, digest = obj[pos + 1 : pos + 1 + name_len], obj[pos + 1 + name_len : pos + 33 + name_len]
+    inner = obj[pos + 33 + name_len :]
+    if name != uid.encode():
+        raise CorruptObject(f"{key}: holds the block map of version {name.decode(errors='replace')!r}")
+    if hashlib.blake2b(inner, digest_size=32).digest() != digest:
+        raise CorruptObject(f"{key}: damaged (it does not match its digest)")
+    return inner, True
+
+
 def put_map(store: ObjectStore, uid: str, data: bytes) -> None:
     """Store a serialized block map: its parts first, then the object that makes it visible."""
     if len(data) <= PART_BYTES:
-        store.put(map_key(uid), codec.encode(data))
+        store.put(map_key(uid), codec.encode(_seal(uid, data)))
         _delete_parts(store, uid, first=1)  # a larger map of an earlier attempt
         return
     parts = []
@@ -48,16 +74,21 @@ def put_map(store: ObjectStore, uid: str, data: bytes) -> None:
         parts.append([len(obj), _part_digest(obj)])
     index = json.dumps({"size": len(data), "parts": parts}).encode()
     store.flush()  # the parts are durable before the index names them
-    store.put(map_key(uid), codec.encode(_INDEX_MAGIC + index))
+    store.put(map_key(uid), codec.encode(_seal(uid, _INDEX_MAGIC + index)))
     _delete_parts(store, uid, first=len(parts) + 1)
 
 
 def get_map(store: ObjectStore, uid: str) -> bytes:
     """The serialized block map (ObjectMissing, CorruptObject)."""
+    return read_map(store, uid)[0]
+
+
+def read_map(store: ObjectStore, uid: str) -> tuple[bytes, bool]:
+    """The serialized block map, and whether it was sealed (ObjectMissing, CorruptObject)."""
     key = map_key(uid)
-    head = codec.decode(store.get(key), key)
+    head, sealed = _unseal(key, uid, codec.decode(store.get(key), key))
     if not head.startswith(_INDEX_MAGIC):
-        return head
+        return head, sealed
     try:
         index = json.loads(head[len(_INDEX_MAGIC) :])
         size, parts = int(index["size"]), [(int(length), str(digest)) for length, digest in index["parts"]]
@@ -73,7 +104,7 @@ def get_map(store: ObjectStore, uid: str) -> bytes:
     data = b"".join(chunks)
     if len(data) != size:
         raise CorruptObject(f"{key}: parts hold {len(data)} bytes, the index says {size}")
-    return data
+    return data, sealed
 
 
 def delete_map(store: ObjectStore, uid: str) -> None:

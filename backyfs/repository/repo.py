@@ -293,7 +293,11 @@ class Repository:
                 meta = json.loads(codec.decode(self.store.get(meta_key), meta_key))
                 blockmap = BlockMap.from_bytes(mapstore.get_map(self.store, uid))
                 blockmap.check()
-                versions.append((Version.from_json(meta), blockmap))
+                version = Version.from_json(meta)
+                if version.uid != uid or (blockmap.size, blockmap.block_size) != (version.size,
+                                                                                  version.block_size):
+                    raise CorruptObject("its metadata and block map disagree")
+                versions.append((version, blockmap))
             except (ObjectMissing, CorruptObject, ValueError, TypeError, AttributeError) as exc:
                 damaged.append(f"{uid} (damaged metadata, left out: {exc})")
         blocks = []

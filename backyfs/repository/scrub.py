@@ -93,12 +93,15 @@ def _check_mirror(repo: Repository, version: Version, blockmap, result: ScrubRes
     except (CorruptObject, ValueError) as exc:
         meta = {"damaged": str(exc)}
     try:
-        same_map = mapstore.get_map(repo.store, version.uid) == blockmap.to_bytes()
+        stored_map, sealed = mapstore.read_map(repo.store, version.uid)
+        same_map = stored_map == blockmap.to_bytes()
     except (ObjectMissing, CorruptObject):
-        same_map = False
+        same_map = sealed = False
     if meta.get("uid") != current.uid or meta.get("state") != current.state or not same_map:
         repo.save_version(current, blockmap)
         result.remirrored.append(version.uid)
+    elif not sealed:  # written before maps were sealed: sealed now, so rebuild-db can check it
+        mapstore.put_map(repo.store, version.uid, stored_map)
 
 
 def _check_one(repo: Repository, digest: bytes, expected_size: int | None, deep: bool) -> str | None:
