@@ -420,3 +420,27 @@ def test_verbose_says_what_a_backup_and_a_restore_do(repo_env: RepoEnv, tmp_path
     assert res.rc == 0 and "onto a target that reads as zeros" in res.err
     quiet = repo_env.run("restore", "vm", tmp_path / "out2")
     assert quiet.rc == 0 and "DEBUG" not in quiet.err
+
+
+def test_parallel_work_stops_at_the_first_failure() -> None:
+    """Restore and scrub stop soon after a block fails with a store error (a hung gateway), not
+    after trying every remaining block at its timeout."""
+    import threading
+    import time as time_mod
+
+    from backyfs.errors import StoreUnavailable
+    from backyfs.repository.restore import _run_parallel
+
+    calls = []
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        with lock:
+            calls.append(i)
+        time_mod.sleep(0.005)
+        if i == 5:
+            raise StoreUnavailable("the store hangs")
+
+    with pytest.raises(StoreUnavailable):
+        _run_parallel(work, ((i,) for i in range(2000)), threads=4)
+    assert len(calls) < 30, len(calls)

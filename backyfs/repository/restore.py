@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -164,16 +164,25 @@ def _hole_runs(first: int, end: int):
 
 
 def _run_parallel(func, items, threads: int) -> None:
-    """Run func(*item) on a pool with a bounded number of items in flight (bounded memory)."""
+    """Run func(*item) on a pool with a bounded number of items in flight (bounded memory). The
+    first exception stops it at once: the queued items are dropped, the running ones finish (a
+    store that hangs made a restore or scrub try every remaining block, an hour at the timeouts)."""
     gate = threading.Semaphore(threads * 2)
-    futures = []
-    with ThreadPoolExecutor(threads, thread_name_prefix="restore") as pool:
+    failed: list[BaseException] = []
+
+    def done(fut: Future) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            failed.append(fut.exception())
+        gate.release()
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="restore")
+    try:
         for item in items:
             gate.acquire()
-            fut = pool.submit(func, *item)
-            fut.add_done_callback(lambda _f: gate.release())
-            futures.append(fut)
-            if len(futures) > 256:
-                futures = [f for f in futures if not f.done() or f.result()]
-        for fut in futures:
-            fut.result()
+            if failed:
+                break
+            pool.submit(func, *item).add_done_callback(done)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if failed:
+        raise failed[0]
