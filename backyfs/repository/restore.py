@@ -182,7 +182,9 @@ def _run_parallel(func, items, threads: int) -> None:
             if failed:
                 break
             pool.submit(func, *item).add_done_callback(done)
-    finally:
+    except BaseException:  # Ctrl-C: the queued items are dropped too
         pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True, cancel_futures=bool(failed))  # else every submitted item runs
     if failed:
         raise failed[0]
