@@ -214,6 +214,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from backyfs.repository.restore import RestoreFailed, restore
     from backyfs.sources import open_target
 
+    if not args.target:  # "" would be written as a hidden file in the current directory
+        raise UsageError("the restore TARGET is empty: name a file, a block device or rbd:POOL/IMAGE")
     repo = _repo(args)
     version = repo.resolve(args.version)
     if version.state == "pending":

@@ -117,7 +117,8 @@ class FileTarget:
         head, name = os.path.split(path)
         self.writing = path if exists else os.path.join(head, f".{name}.backyfs-restore-{os.getpid()}")
         if not exists:  # one by that name can only be a dead process's (the pid is ours now)
-            with contextlib.suppress(FileNotFoundError):
+            # Any other failure (a read-only filesystem) fails the open below, which names the target.
+            with contextlib.suppress(OSError):
                 os.unlink(self.writing)
             _remove_stale_partials(head, name)
         self.fd = -1
@@ -150,12 +151,18 @@ class FileTarget:
             raise BackyfsError(f"cannot open restore target {path}: {reason}") from None
         self.is_device = is_device
         self.created = not exists
+        self.written = False  # every block is written and synced
+        self.linked = False  # the restored file has its own name: abandon() removes that too
+
+    def _close(self) -> None:
+        """Close the fd once: closing its number again could close another file that reused it."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def _undo_open(self, existed: bool) -> None:
         """A target that could not be set up leaves nothing: no open fd, no partial file."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self._close()
         if not existed:
             with contextlib.suppress(OSError):
                 os.unlink(self.writing)
@@ -182,27 +189,36 @@ class FileTarget:
 
     def finish(self) -> None:
         os.fsync(self.fd)
-        os.close(self.fd)
+        self._close()
+        self.written = True
         if self.writing == self.path:
             return
         try:
             os.link(self.writing, self.path)  # not rename: a file made there meanwhile stays
         except FileExistsError:
-            raise BackyfsError(f"restore target {self.path} appeared during the restore; the "
-                               f"restored image is {self.writing}") from None
+            raise BackyfsError(f"restore target {self.path} appeared during the restore and is left as "
+                               "it is") from None
+        except OSError as exc:
+            raise BackyfsError(f"cannot create restore target {self.path}: {exc.strerror}") from None
+        self.linked = True
         os.unlink(self.writing)
         _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def abandon(self) -> str:
         """After a failed or interrupted restore: remove the file if this restore created it (a
         full-size file would look complete), else leave it. Says which, for the user."""
-        os.close(self.fd)
+        self._close()
         if not self.created:
             return f"{self.path} is incomplete"
+        names = [self.writing, self.path] if self.linked else [self.writing]
         try:
-            os.unlink(self.writing)
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name)
         except OSError as exc:
-            return f"{self.writing} is incomplete (cannot remove it: {exc.strerror})"
+            return f"{name} is incomplete (cannot remove it: {exc.strerror})"
+        if self.written:  # complete, but it could not take its name (or keep it, durably)
+            return "removed the restored image"
         return f"removed the incomplete {self.path}"
 
 
