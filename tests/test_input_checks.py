@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import RepoEnv, write_image
 from test_bad_input import assert_one_line_error
+from test_ratelimit import FakeClock
 
 from backyfs.errors import BackyfsError
 from backyfs.sources.file import FileTarget
+from backyfs.storage import ratelimit
+from backyfs.storage.ratelimit import TokenBucket, WaitCancelled, cancel_waits_on
 
 
 def _restoring(target: Path) -> list[Path]:
@@ -95,3 +101,66 @@ def test_restore_onto_a_read_only_filesystem_names_the_target(repo_env: RepoEnv,
     res = repo_env.run("restore", uid, out)
     assert_one_line_error(res, rc=1, contains=f"cannot open restore target {out}: Read-only file system")
     assert "backyfs-restore" not in res.err
+
+
+# --- rate-limited work stops promptly -------------------------------------------------------------
+
+def test_a_cancelled_wait_ends_at_once_and_leaves_no_debt() -> None:
+    """A wait of hours (a tiny limit's debt) ends within a slice of its thread's stop being set."""
+    bucket, stop = TokenBucket(1.0), threading.Event()  # one byte per second
+    outcome: list[object] = []
+
+    def worker() -> None:
+        cancel_waits_on(stop)
+        try:
+            bucket.consume(4 << 20)
+        except WaitCancelled as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    time.sleep(0.3)
+    stopped = time.monotonic()
+    stop.set()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and isinstance(outcome[0], WaitCancelled)
+    assert time.monotonic() - stopped < 2 * ratelimit.WAIT_SLICE_S + 0.2
+    assert bucket.tokens > 0  # the bytes that never passed are not the next waiter's debt
+
+
+def test_a_cancellable_wait_keeps_the_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sleeping in slices changes nothing of the accounting: 4 MB at 1 MB/s still waits 3 s."""
+    clock = FakeClock()
+    monkeypatch.setattr(ratelimit, "time", clock)
+    bucket = TokenBucket(1e6)
+    cancel_waits_on(threading.Event())
+    try:
+        bucket.consume(4_000_000)
+        assert clock.slept == pytest.approx(3.0)
+        bucket.consume(1_000_000)
+        assert clock.slept == pytest.approx(4.0)
+    finally:
+        cancel_waits_on(None)
+
+
+@pytest.mark.parametrize(("limit", "sig"), [("--read-limit", signal.SIGTERM), ("--read-limit", signal.SIGINT),
+                                            ("--write-limit", signal.SIGTERM)],
+                         ids=["read-SIGTERM", "read-SIGINT", "write-SIGTERM"])
+def test_a_rate_limited_backup_stops_promptly(repo_env: RepoEnv, tmp_path: Path, limit: str,
+                                              sig: signal.Signals) -> None:
+    """Ctrl-C or SIGTERM under a tiny limit: out within a second or so (the workers waited out their
+    whole debt, forever at 1e-9 MB/s), the version pending, and a re-run resumes it."""
+    img = write_image(tmp_path / "img", ["rand"] * 4)
+    proc = repo_env.popen("backup", img, "vm", limit, "1e-9")
+    time.sleep(1.5)  # every worker is waiting for the limit by now
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
+    assert time.monotonic() - sent < 3, "the backup waited for its rate limit after the signal"
+    assert [v["state"] for v in repo_env.versions("vm")] == ["pending"]
+    assert "resumed" in repo_env.ok("backup", img, "vm").err
+    assert [v["state"] for v in repo_env.versions("vm")] == ["valid"]

@@ -28,7 +28,7 @@ from backyfs.repository.repo import (
     block_key,
     new_uid,
 )
-from backyfs.storage.ratelimit import TokenBucket
+from backyfs.storage.ratelimit import TokenBucket, cancel_waits_on
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,9 @@ class BackupWriter:
         gate = threading.Semaphore(self.threads * 2)
         last_checkpoint = time.monotonic()
         work_bytes = _bytes_in(plan.to_read, self.block_size, self.source.size)
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="backup") as pool:
+        stopping = threading.Event()  # ends the workers' rate-limit waits (the read's, the store's)
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="backup", initializer=cancel_waits_on,
+                                initargs=(stopping,)) as pool:
             pending: list[Future] = []
             try:
                 for block_idx in plan.to_read:
@@ -279,7 +281,9 @@ class BackupWriter:
                 self._collect(pending, blocks, plan, wait=True)
             except BaseException:
                 # Fail fast: blocks still queued would each meet the same error (a dead store
-                # retrying and timing out), so only those already running are waited for.
+                # retrying and timing out), so only those already running are waited for, and
+                # not through their rate-limit waits (a tiny limit's debt is hours).
+                stopping.set()
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
         if self.progress:

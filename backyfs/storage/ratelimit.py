@@ -7,6 +7,21 @@ import time
 
 from backyfs.storage.base import ObjectStore, StoreWrapper
 
+WAIT_SLICE_S = 0.1  # a cancelled wait ends within this: Ctrl-C must not wait out hours of debt
+
+_scope = threading.local()  # .stop: the Event that cancels this thread's waits (see cancel_waits_on)
+
+
+class WaitCancelled(Exception):
+    """A rate-limit wait ended early because its thread's work is being stopped (Ctrl-C, an error)."""
+
+
+def cancel_waits_on(stop: threading.Event | None) -> None:
+    """Make this thread's rate-limit waits end, raising WaitCancelled, once STOP is set (None: never).
+    Per thread, not per bucket: a store's bucket is shared with work that is not being stopped (a
+    server's reads while one overlay commit is interrupted). For a pool's initializer."""
+    _scope.stop = stop
+
 
 class TokenBucket:
     """Allows `rate` bytes per second on average, with bursts of up to one second's worth."""
@@ -23,6 +38,7 @@ class TokenBucket:
         under a 1 MB/s limit waits about 4 s instead of forever."""
         if self.rate <= 0:
             return
+        stop: threading.Event | None = getattr(_scope, "stop", None)
         with self.lock:
             now = time.monotonic()
             self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
@@ -30,8 +46,13 @@ class TokenBucket:
             self.tokens -= nbytes
             wait = -self.tokens / self.rate if self.tokens < 0 else 0.0
             # Sleeping under the lock serialises waiters, which is what keeps the average rate honest.
-            if wait > 0:
-                time.sleep(wait)
+            deadline = now + wait
+            while wait > 0:
+                if stop is not None and stop.is_set():
+                    self.tokens += nbytes  # they never pass: the debt is not the next waiter's
+                    raise WaitCancelled("rate-limit wait cancelled")
+                time.sleep(min(wait, WAIT_SLICE_S) if stop is not None else wait)
+                wait = deadline - time.monotonic()
 
 
 class RateLimitedStore(StoreWrapper):
