@@ -164,3 +164,41 @@ def test_a_rate_limited_backup_stops_promptly(repo_env: RepoEnv, tmp_path: Path,
     assert [v["state"] for v in repo_env.versions("vm")] == ["pending"]
     assert "resumed" in repo_env.ok("backup", img, "vm").err
     assert [v["state"] for v in repo_env.versions("vm")] == ["valid"]
+
+
+# --- --hints ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b'[{"offset": Infinity, "length": 1}]', "entry 0: offset must be an integer, not Infinity"),
+    (b'[{"offset": 1e400, "length": 1}]', "entry 0: offset must be an integer"),
+    (b'[{"offset": 0, "length": NaN}]', "entry 0: length must be an integer, not NaN"),
+    (b'[{"offset": 0, "length": 1}, {"offset": "4096", "length": 1}]',
+     'entry 1: offset must be an integer, not "4096"'),
+    (b'[{"offset": true, "length": 1}]', "entry 0: offset must be an integer, not true"),
+    (b'[{"offset": 0.5, "length": 1}]', "entry 0: offset must be an integer, not 0.5"),
+    (b'[{"offset": 0, "length": 1e30}]', "entry 0: length must be an integer, not 1e+30"),
+    (b'[{"offset": 9223372036854775807, "length": 1}]', "entry 0 ends past the largest possible offset"),
+    (b'[{"offset": 0, "length": 1' + b"0" * 5000 + b"}]", "a number has too many digits"),
+    (b"[" * 100_000, "nested too deeply"),
+    (b"\xff\xfe[", "is not UTF-8 text (byte 0)"),
+    (b"[7]", "entry 0 needs integer offset and length"),
+], ids=["infinity", "1e400", "nan", "string", "bool", "fraction", "float-length", "past-2^63", "digits",
+        "nested", "not-utf8", "not-an-object"])
+def test_bad_hints_entries(repo_env: RepoEnv, tmp_path: Path, content: bytes, message: str) -> None:
+    image = write_image(tmp_path / "img", ["rand", "hole", "text"])
+    uid = repo_env.backup(image, "vm")["uid"]
+    hints = tmp_path / "hints.json"
+    hints.write_bytes(content)
+    res = repo_env.run("backup", image, "vm", "--hints", hints)
+    assert_one_line_error(res, rc=1, contains=f"hints file {hints}")
+    assert message.lower() in res.err.lower(), res.err
+    assert [v["uid"] for v in repo_env.versions()] == [uid]
+
+
+def test_good_hints_still_load(tmp_path: Path) -> None:
+    from backyfs.repository.extents import Extent, load_hints
+
+    hints = tmp_path / "hints.json"
+    hints.write_text('[{"offset": 0, "length": 4096, "exists": "true"}, {"offset": 8192, "length": 0,'
+                     ' "exists": "false"}]')
+    assert load_hints(str(hints)) == [Extent(0, 4096), Extent(8192, 0, False)]
