@@ -33,6 +33,7 @@ metadata in backyfs.sqlite, the read cache in cache/.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -93,8 +94,13 @@ class Config:
 
 
 def load_config(path: str | None = None) -> Config:
-    path = path or os.environ.get(ENV_CONFIG)
-    if not path:
+    if path is not None and not path.strip():  # `--config "$CONF"` of an unset variable
+        raise ConfigError("--config is empty: name a config file")
+    if path is None and ENV_CONFIG in os.environ:
+        path = os.environ[ENV_CONFIG]
+        if not path.strip():  # set but empty, as $BACKYFS_DATA_DIR: not the embedded default
+            raise ConfigError(f"${ENV_CONFIG} is set but empty")
+    if path is None:
         return Config()
     import tomllib  # here, not at the top: ~10 ms that a run on the embedded default never needs
 
@@ -152,17 +158,37 @@ def _check(table: object, where: str, schema: dict[str, type | tuple]) -> dict:
             # Name a secret's type, never its value: the error may end up in a log.
             shown = _TYPE_NAMES.get(type(value), type(value).__name__) if "secret" in key else repr(value)
             raise ConfigError(f"{where}: {key} must be {wanted}, not {shown}")
+        if isinstance(value, float) and not math.isfinite(value):  # a timeout of nan, a label of inf
+            raise ConfigError(f"{where}: {key} must be a finite number, not {value}")
     return table
 
 
+def _refuse_nul(value: object, where: str, name: str = "") -> None:
+    """A NUL in any string of the config (TOML writes one as \\u0000) is refused naming the setting:
+    a path, a source or an argument with one fails much later, in the OS ('embedded null byte')."""
+    if isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"{where}: {name} must not contain a NUL character")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            full = f"{name}.{key}" if name else key
+            if "\0" in key:  # a job's name, a label's
+                raise ConfigError(f"{where}: the name {ascii(full)} must not contain a NUL character")
+            _refuse_nul(item, where, full)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_nul(item, where, f"{name}[{index}]")
+
+
 def _in_range(where: str, key: str, value: float, low: float, high: float | None = None) -> None:
-    if value < low or (high is not None and value > high):
+    # nan compares false with everything, so it passed every bound (max_age_hours = nan: never overdue)
+    if not math.isfinite(value) or value < low or (high is not None and value > high):
         bounds = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
         raise ConfigError(f"{where}: {key} must be {bounds}, not {value:g}")
 
 
 def _from_dict(raw: dict, path: str) -> Config:
     where = f"config {path}"
+    _refuse_nul(raw, where)
     _check(raw, where, _TOP)
     cfg = Config(source=path)
     if "data_dir" in raw:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RepoEnv, write_image
+from conftest import BACKYFS, RepoEnv, Result, write_image
 from test_bad_input import assert_one_line_error
 from test_ratelimit import FakeClock
 
@@ -202,3 +202,48 @@ def test_good_hints_still_load(tmp_path: Path) -> None:
     hints.write_text('[{"offset": 0, "length": 4096, "exists": "true"}, {"offset": 8192, "length": 0,'
                      ' "exists": "false"}]')
     assert load_hints(str(hints)) == [Extent(0, 4096), Extent(8192, 0, False)]
+
+
+# --- the config ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ('data_dir = "x\\u0000y"\n', "data_dir must not contain a NUL character"),
+    ('[store]\npath = "a\\u0000b"\n', "store.path must not contain a NUL character"),
+    ('[jobs.X]\nsource = "a\\u0000b"\n', "jobs.X.source must not contain a NUL character"),
+    ('[jobs.X]\nsource = "a"\nargs = ["--read-limit", "1\\u0000"]\n', "jobs.X.args[1] must not contain"),
+    ('[jobs.X]\nsource = "a"\nlabels = { "t\\u0000" = "x" }\n', "the name 'jobs.X.labels.t\\x00' must not"),
+    ('[jobs.X]\nsource = "a"\nmax_age_hours = nan\n', "max_age_hours must be a finite number, not nan"),
+    ("[limits]\nread_mb_s = nan\n", "read_mb_s must be a finite number, not nan"),
+    ("[limits]\nwrite_mb_s = inf\n", "write_mb_s must be a finite number, not inf"),
+    ('[store]\ntype = "s3"\nbucket = "b"\nread_timeout = -inf\n', "read_timeout must be a finite number"),
+], ids=["data-dir-nul", "store-path-nul", "job-source-nul", "job-args-nul", "label-name-nul",
+        "max-age-nan", "read-limit-nan", "write-limit-inf", "s3-timeout-inf"])
+def test_bad_config_values(tmp_path: Path, toml: str, message: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(toml)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKYFS_")}
+    env["BACKYFS_DATA_DIR"] = str(tmp_path / "data")
+    for args in (["--config", str(config), "jobs"], ["--config", str(config), "backup", str(config), "v"]):
+        proc = subprocess.run([BACKYFS, *args], env=env, capture_output=True, text=True, timeout=60)
+        assert_one_line_error(Result(proc.returncode, proc.stdout, proc.stderr), rc=1,
+                              contains=f"config {config}: ")
+        assert message.lower() in proc.stderr.lower(), proc.stderr
+
+
+def test_non_finite_numbers_are_out_of_every_range() -> None:
+    from backyfs.config import _in_range
+    from backyfs.errors import ConfigError
+
+    for value in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ConfigError, match="must be at least 0"):
+            _in_range("config x", "read_mb_s", value, 0)
+    _in_range("config x", "read_mb_s", 2.5, 0)
+
+
+def test_an_empty_config_path_is_an_error(repo_env: RepoEnv, uid: str) -> None:
+    """Not the embedded default in silence: `--config "$CONF"` of an unset variable."""
+    assert_one_line_error(repo_env.run("--config", "", "ls"), rc=1, contains="--config is empty")
+    repo_env.env["BACKYFS_CONFIG"] = ""
+    assert_one_line_error(repo_env.run("ls"), rc=1, contains="$BACKYFS_CONFIG is set but empty")
+    del repo_env.env["BACKYFS_CONFIG"]
+    assert repo_env.run("ls").rc == 0
