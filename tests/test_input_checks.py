@@ -166,6 +166,24 @@ def test_a_rate_limited_backup_stops_promptly(repo_env: RepoEnv, tmp_path: Path,
     assert [v["state"] for v in repo_env.versions("vm")] == ["valid"]
 
 
+def test_a_rate_limited_restore_stops_promptly(repo_env: RepoEnv, tmp_path: Path) -> None:
+    """The restore's pool waited for its workers' read-limit waits after SIGTERM, as the backup's did."""
+    img = write_image(tmp_path / "img", ["rand"] * 4)
+    repo_env.backup(img, "vm")
+    repo_env.use_config("[limits]\nread_mb_s = 1e-9\n")
+    proc = repo_env.popen("restore", "vm", tmp_path / "out")
+    time.sleep(1.5)  # every worker is waiting for the limit by now
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert time.monotonic() - sent < 3, "the restore waited for its rate limit after the signal"
+    assert not list(tmp_path.glob(".out*")) and not (tmp_path / "out").exists()
+
+
 # --- --hints ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("content", "message"), [

@@ -18,6 +18,7 @@ from backyfs.errors import BackyfsError, CorruptObject, ObjectMissing
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import Version
 from backyfs.repository.repo import Repository
+from backyfs.storage.ratelimit import cancel_waits_on
 
 
 class RestoreTarget(Protocol):
@@ -169,22 +170,30 @@ def _run_parallel(func, items, threads: int) -> None:
     store that hangs made a restore or scrub try every remaining block, an hour at the timeouts)."""
     gate = threading.Semaphore(threads * 2)
     failed: list[BaseException] = []
+    stopping = threading.Event()  # ends the running items' rate-limit waits (a read limit)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="restore", initializer=cancel_waits_on,
+                              initargs=(stopping,))
 
     def done(fut: Future) -> None:
         if not fut.cancelled() and fut.exception() is not None:
             failed.append(fut.exception())
+            stopping.set()
+            pool.shutdown(wait=False, cancel_futures=True)  # the queued items go now
         gate.release()
 
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="restore")
     try:
         for item in items:
             gate.acquire()
             if failed:
                 break
-            pool.submit(func, *item).add_done_callback(done)
-    except BaseException:  # Ctrl-C: the queued items are dropped too
+            try:
+                pool.submit(func, *item).add_done_callback(done)
+            except RuntimeError:  # shut down by a failure since the check above
+                break
+        pool.shutdown(wait=True)
+    except BaseException:  # Ctrl-C, also while the last items run: the others are dropped or cut short
+        stopping.set()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
-    pool.shutdown(wait=True, cancel_futures=bool(failed))  # else every submitted item runs
     if failed:
         raise failed[0]
