@@ -165,3 +165,17 @@ def test_deep_scrub_checks_each_versions_copy_in_the_store(repo_env, tmp_path):
     assert [v["uid"] for v in repo_env.versions()] == [kept], res.err
     repo_env.ok("restore", kept, tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == (tmp_path / "a.img").read_bytes()
+
+
+def test_scrub_refuses_a_store_that_is_not_this_repositorys(repo_env, tmp_path) -> None:
+    """A mistyped store path or bucket: scrub marked every version invalid and wrote their metadata
+    into the other store. Now it refuses and changes nothing."""
+    img = write_image(tmp_path / "img", ["rand", "text"])
+    uid = repo_env.backup(img, "vm")["uid"]
+    other = tmp_path / "other-store"
+    repo_env.use_config(f'[store]\ntype = "fs"\npath = "{other}"\n')
+    res = repo_env.run("scrub", "--all")
+    assert res.rc == 1 and "is it the right bucket, pool or path" in res.err, res.err
+    assert not (other / "versions").exists()
+    repo_env.use_config("")
+    assert [v["state"] for v in repo_env.versions()] == ["valid"] and repo_env.run("scrub", uid).rc == 0

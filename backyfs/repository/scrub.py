@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from backyfs.errors import CorruptObject, NotFound, ObjectMissing, StoreUnavailable
+from backyfs.errors import CorruptObject, NotFound, ObjectMissing, StateError, StoreUnavailable
 from backyfs.metadata.db import Version
 from backyfs.repository import mapstore
 from backyfs.repository.repo import Repository, block_key
@@ -66,6 +66,7 @@ def scrub(repo: Repository, versions: list[Version], *, deep: bool, percent: flo
             if progress:
                 progress(result.checked, len(digests))
 
+    _check_store_is_ours(repo, versions, digests)
     _run_parallel(check, ((d,) for d in digests), threads)
     _record(repo, versions, maps, result, deep, full=percent >= 100)
     if deep:
@@ -73,6 +74,20 @@ def scrub(repo: Repository, versions: list[Version], *, deep: bool, percent: flo
             with repo.versions_lock():  # not while an rm of it is half-way
                 _check_mirror(repo, version, maps[version.uid], result)
     return result
+
+
+def _check_store_is_ours(repo: Repository, versions: list[Version], digests: list[bytes]) -> None:
+    """Refuse a store that holds none of a sample of these versions' metadata and none of a sample
+    of their blocks: a mistyped bucket, pool or path. Scrubbing it marked every version invalid and
+    wrote their metadata into the other repository's store, whose gc then deleted nothing."""
+    sample = random.sample(versions, min(8, len(versions)))
+    if not sample or any(repo.store.exists(f"versions/{v.uid}/meta.json") for v in sample):
+        return
+    blocks = random.sample(digests, min(8, len(digests)))
+    if not blocks or any(repo.store.exists(block_key(d)) for d in blocks):
+        return
+    raise StateError(f"the store {repo.store.url} holds no metadata and no blocks of these "
+                     "versions: is it the right bucket, pool or path? Nothing was checked or marked")
 
 
 def _check_mirror(repo: Repository, version: Version, blockmap, result: ScrubResult) -> None:
