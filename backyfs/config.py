@@ -232,10 +232,32 @@ def _store(store: object, where: str) -> dict:
     if kind in _REQUIRED and _REQUIRED[kind] not in store:
         raise ConfigError(f"{where}: [store] of type {kind} needs {_REQUIRED[kind]}")
     url = store.get("endpoint_url")
-    if url is not None and not re.match(r"https?://[^/\s]+", url):
-        raise ConfigError(f"{where}: [store] endpoint_url must be http://HOST[:PORT] or https://..., "
-                          f"not {url!r}")
+    if url is not None:
+        _check_endpoint(url, where)
+    if ("access_key" in store) != ("secret_key" in store):
+        raise ConfigError(f"{where}: [store] needs both access_key and secret_key, or neither (then "
+                          "boto3 finds credentials itself: environment, profile, instance role)")
     return dict(store)
+
+
+def _check_endpoint(url: str, where: str) -> None:
+    """http(s)://HOST[:PORT][/path], whole: a space or a half bracket passed a prefix match and
+    crashed boto3, and credentials in the URL were printed in its error messages."""
+    from urllib.parse import urlsplit
+
+    bad = f"{where}: [store] endpoint_url must be http://HOST[:PORT] or https://HOST[:PORT]"
+    authority = url.split("/", 3)[2] if url.count("/") >= 2 else url
+    if "@" in authority:  # user:password@ maybe: never echo it
+        raise ConfigError(f"{bad}, without credentials in it: use access_key and secret_key")
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+        raise ConfigError(f"{bad}, not {url!r}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise ConfigError(f"{bad}, not {url!r}") from None
+    if not parts.hostname:
+        raise ConfigError(f"{bad}, not {url!r}")
 
 
 def _jobs(jobs: object, where: str) -> dict:
