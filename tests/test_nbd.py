@@ -480,3 +480,29 @@ def test_the_url_of_a_server_on_every_address_names_this_host():
                         ("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")):
         endpoint = Endpoint(host=host, port=10809, tls_user="backyfs", psk_file="/k.psk")
         assert endpoint.url("vm") == f"nbds://backyfs@{shown}:10809/vm?tls-psk-file=/k.psk"
+
+
+def test_a_stopping_server_removes_only_its_own_socket_and_pid_file(tmp_path):
+    """Server A, stopping, removed the socket and pid file of server B, started on the same socket
+    meanwhile (seen once by an audit): B kept running with neither."""
+    import signal as signal_mod
+
+    from backyfs.cli.serve import Supervisor
+
+    mine, theirs = tmp_path / "a.pid", tmp_path / "s.sock"
+    for path in (mine, theirs):
+        path.write_text("A")
+    handlers = {sig: signal_mod.getsignal(sig) for sig in (signal_mod.SIGTERM, signal_mod.SIGINT,
+                                                           signal_mod.SIGHUP)}
+    try:
+        sup = Supervisor([str(mine), str(theirs)])
+    finally:
+        for sig, handler in handlers.items():
+            signal_mod.signal(sig, handler)
+    for path in (mine, theirs):
+        st = path.stat()
+        sup.made[str(path)] = (st.st_dev, st.st_ino, st.st_ctime_ns)
+    theirs.rename(tmp_path / "gone")  # kept, so that B's cannot reuse its inode here
+    theirs.write_text("B")  # B's, made after A recorded its own
+    sup._cleanup()
+    assert not mine.exists() and theirs.read_text() == "B"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import secrets
@@ -199,6 +200,7 @@ class Supervisor:
 
     def __init__(self, leftovers: list[str]) -> None:
         self.leftovers = leftovers
+        self.made: dict[str, tuple[int, int, int]] = {}  # path -> the file we made (dev, inode, ctime)
         self.proc: subprocess.Popen | None = None
         self.stopping = False
         self.stop_deadline = float("inf")  # set by the first stop signal
@@ -221,6 +223,10 @@ class Supervisor:
             with open(os.open(plan.pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
                       "w") as f:
                 f.write(f"{os.getpid()}\n")
+            for path in self.leftovers:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(path)
+                    self.made[path] = (st.st_dev, st.st_ino, st.st_ctime_ns)
         except BaseException:
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -269,8 +275,15 @@ class Supervisor:
         self._cleanup()
 
     def _cleanup(self) -> None:
+        """Remove our socket and pid file, and only ours: a server started on the same socket while
+        this one was stopping has made its own by now (its files were deleted under it)."""
         for path in self.leftovers:
-            _unlink(path)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if path not in self.made or self.made[path] == (st.st_dev, st.st_ino, st.st_ctime_ns):
+                _unlink(path)
 
 
 def _unlink(path: str) -> None:
