@@ -271,7 +271,7 @@ def test_mount_returns_when_ready(repo_env, tmp_path):
     finally:
         cleanup(None, mnt)
     bad = repo_env.run("mount", tmp_path / "missing", timeout=30)
-    assert bad.rc == 1 and "not a directory" in bad.err
+    assert bad.rc == 1 and "does not exist" in bad.err
 
 
 def test_mount_reports_errors(tmp_path):
