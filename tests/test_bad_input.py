@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BACKYFS, BS, RepoEnv, Result, files_equal, read_block, write_image
+from conftest import BACKYFS, BS, RepoEnv, Result, block_files, files_equal, read_block, write_image
 
 
 def assert_one_line_error(res: Result, *, rc: int | None = None, contains: str = "") -> None:
@@ -706,3 +707,17 @@ def test_a_repository_this_user_may_not_read_is_not_called_missing(repo_env: Rep
                           env=repo_env.env, capture_output=True, text=True, timeout=60)
     res = Result(proc.returncode, proc.stdout, proc.stderr)
     assert_one_line_error(res, rc=1, contains="permission denied")
+
+
+def test_restore_json_reports_an_incomplete_restore_too(repo_env: RepoEnv, tmp_path: Path) -> None:
+    """restore --json printed nothing when a block was bad (exit 3): a script then had no result."""
+    img = write_image(tmp_path / "img", ["rand", "rand"])
+    uid = repo_env.backup(img, "vm")["uid"]
+    victim = block_files(repo_env.store_dir)[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    res = repo_env.run("restore", uid, tmp_path / "out", "--json")
+    assert res.rc == 3, res.err
+    report = json.loads(res.out)
+    assert report["uid"] == uid and len(report["errors"]) == 1 and "offset" in report["errors"][0]
+    shown = repo_env.ok("show", uid).out
+    assert f"size: {2 * BS} bytes (8.0MiB)" in shown, shown

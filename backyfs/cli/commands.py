@@ -225,6 +225,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         result = restore(repo, version, target, threads=load_config(args.config).threads,
                          progress=Progress(f"restore {version.uid}"))
     except RestoreFailed as exc:  # complete but for the bad blocks, which read as zeros
+        if args.json:  # what was restored, and which blocks not: a script needs it most then
+            _print_json({"uid": version.uid, **exc.result.__dict__})
         if len(exc.result.errors) > 1:  # the last line names the first; list them all only if many
             for line in exc.result.errors:
                 print(f"backyfs: {line}", file=sys.stderr)
@@ -295,6 +297,8 @@ def _shown(key: str, value: object) -> str:
     """A field of `show` for people: times as dates, maps as key=value, nothing as '-'."""
     if key in ("created", "heartbeat") and isinstance(value, (int, float)):  # epoch seconds in JSON
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    if key in ("size", "block_size") and isinstance(value, int):
+        return f"{value} bytes ({_human(value)})"
     if value is None:
         return "-"
     if isinstance(value, bool):
