@@ -517,3 +517,12 @@ def test_a_journal_replaying_a_block_beyond_the_filesystem_is_not_replayed(tmp_p
     fs.overrides = {beyond: b"other".ljust(4096, b"\0")}  # ExtFS itself reads no block beyond its end
     with pytest.raises(ExtError, match=f"block {beyond}\\+1 is beyond the end of the filesystem"):
         fs.block(beyond)
+
+
+def test_restore_reports_progress_in_bytes(tmp_path):
+    """restore-file draws a progress bar for a large file from these calls (nothing showed before)."""
+    image = small_ext4(tmp_path)
+    fs = open_fs(image)
+    seen: list[int] = []
+    result = Restorer(fs, progress=seen.append).restore(fs.inode(2), str(tmp_path / "out"))
+    assert seen and seen == sorted(seen) and seen[-1] == result.bytes == len("abc") + len("kept\n")

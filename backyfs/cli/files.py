@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 from backyfs.cli.commands import DataProblem, _print_json
+from backyfs.cli.progress import Progress
 from backyfs.config import load_config, require_repository
 from backyfs.errors import BackyfsError
 from backyfs.fronts.extfs import ExtError, corrupt_is_exterror
@@ -92,8 +93,12 @@ def _restore_file(args: argparse.Namespace) -> int:
             dest, into_existing = (os.path.join(dest, base), False) if base else (dest, True)
         if not into_existing and not args.force and os.path.lexists(dest):  # before writing anything
             raise BackyfsError(f"{dest} exists; use --force to overwrite it")
-        result = Restorer(fs, force=args.force, specials=args.specials, setuid=args.setuid).restore(
+        bar = Progress(f"restore-file {args.path}") if inode.is_reg else None  # a tree: no total
+        result = Restorer(fs, force=args.force, specials=args.specials, setuid=args.setuid,
+                          progress=bar and (lambda done: bar(min(done, inode.size), inode.size))).restore(
             inode, dest, into_existing)
+        if bar:
+            bar(inode.size, inode.size)
     finally:
         service.close()
     for line in result.skipped:  # names the guest chose: escaped, like ls-files does

@@ -9,6 +9,7 @@ import re
 import time
 
 from backyfs.cli.commands import _labels, _print_json
+from backyfs.cli.progress import Progress
 from backyfs.config import Config, load_config, require_repository
 from backyfs.errors import NotFound
 
@@ -82,7 +83,8 @@ def cmd_overlay_commit(args: argparse.Namespace) -> int:
         raise NotFound(f"no overlay {args.name!r} for version {uid}")
     service = ExportService(cfg)
     try:
-        version = commit_overlay(service, uid, args.name, labels=_labels(args.label), keep=args.keep)
+        version = commit_overlay(service, uid, args.name, labels=_labels(args.label), keep=args.keep,
+                                 progress=Progress(f"commit {args.name} of {uid}"))
     finally:
         service.close()
     if args.json:

@@ -13,11 +13,13 @@ class Progress:
         self.unit = unit
         self.started = time.monotonic()
         self.last_draw = 0.0
+        self.finished = False  # the final line is drawn once, however often the caller says so
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
-        if not self.enabled or (now - self.last_draw < 0.2 and done < total):
+        if not self.enabled or self.finished or (now - self.last_draw < 0.2 and done < total):
             return
+        self.finished = done >= total
         self.last_draw = now
         frac = done / total if total else 1.0
         bar = "#" * int(frac * 30)

@@ -11,6 +11,7 @@ import logging
 import re
 import threading
 import weakref
+from collections.abc import Callable
 
 from backyfs.config import Config, open_repository
 from backyfs.errors import BackyfsError, NotFound
@@ -142,7 +143,8 @@ class _DeviceSource:
 
 
 def commit_overlay(service: ExportService, version_uid: str, overlay_name: str = "default",
-                   labels: dict[str, str] | None = None, keep: bool = False) -> Version:
+                   labels: dict[str, str] | None = None, keep: bool = False,
+                   progress: Callable[[int, int], None] | None = None) -> Version:
     """Store an overlay's changed blocks as a new version whose parent is the exported one."""
     repo = service.repo
     version = repo.resolve(version_uid, valid_only=True)
@@ -163,7 +165,7 @@ def commit_overlay(service: ExportService, version_uid: str, overlay_name: str =
         hints = [Extent(i * bs, min(bs, version.size - i * bs)) for i in changed]
         writer = BackupWriter(repo, _DeviceSource(device), version.volume, parent=version, hints=hints,
                               labels={**(labels or {}), COMMIT_LABEL: origin},
-                              threads=service.cfg.threads, sample_percent=0)
+                              threads=service.cfg.threads, sample_percent=0, progress=progress)
         new_version = writer.run()
     except BaseException as exc:
         try:  # its flush fails too on a full disk: the error to report is the first one

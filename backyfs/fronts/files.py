@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backyfs.errors import BackyfsError, NotFound
@@ -121,8 +122,10 @@ class Restorer:
     names is copied once and linked."""
 
     def __init__(self, fs: ExtFS, force: bool = False, *, specials: bool = False,
-                 setuid: bool = False) -> None:
+                 setuid: bool = False, progress: Callable[[int], None] | None = None) -> None:
+        """progress(bytes copied so far) after each piece of file data."""
         self.fs, self.force, self.specials, self.setuid = fs, force, specials, setuid
+        self.progress = progress
         self.as_root = os.geteuid() == 0
         self.result = RestoreResult()
         self.top: str | None = None
@@ -253,6 +256,8 @@ class Restorer:
                 n = os.pwrite(fd, view, offset)
                 view, offset = view[n:], offset + n
             written += len(data)
+            if self.progress:
+                self.progress(self.result.bytes + written)
         os.ftruncate(fd, inode.size)  # the tail and holes stay sparse
         return written
 
