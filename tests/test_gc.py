@@ -8,12 +8,12 @@ import time
 import pytest
 
 from backyfs.config import Config, open_repository
-from backyfs.errors import StateError
+from backyfs.errors import SourceError, StateError
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import Version
 from backyfs.repository.gc import collect_garbage
 from backyfs.repository.repo import block_digest, block_key
-from backyfs.repository.restore import restore
+from backyfs.repository.restore import RestoreFailed, restore
 from backyfs.repository.retention import Policy, versions_to_remove
 from backyfs.repository.writer import BackupWriter
 from backyfs.sources.file import FileSource, FileTarget
@@ -547,3 +547,75 @@ def test_the_error_that_stopped_a_backup_is_the_one_reported(tmp_path, monkeypat
     monkeypatch.setattr(type(repo.db), "add_blocks", db_full)
     with pytest.raises(StoreUnavailable, match="store is full"):
         _backup(repo, _image(tmp_path / "img", [os.urandom(4 * MiB) for _ in range(4)]))
+
+
+def test_another_hosts_interrupted_first_backup_keeps_its_blocks(tmp_path):
+    """Host B's first backup is stopped after a checkpoint; host A's gc, sharing the store, saw B's
+    blocks as strays and deleted them two runs later, and B's resumed backup turned valid without
+    them (found by a review). A pending version is in the store from its start now: foreign to A."""
+    store = {"type": "fs", "path": str(tmp_path / "shared-store")}
+    host_a = open_repository(Config(data_dir=str(tmp_path / "a"), store=store))
+    host_b = open_repository(Config(data_dir=str(tmp_path / "b"), store=store))
+    (tmp_path / "a.img").write_bytes(os.urandom(4 * MiB))
+    src = FileSource(str(tmp_path / "a.img"))
+    BackupWriter(host_a, src, "vm-a").run()
+    src.close()
+
+    img = tmp_path / "b.img"
+    img.write_bytes(os.urandom(16 * MiB))
+
+    class Interrupted(FileSource):  # the 3rd block's read fails: the run stops (as on a timeout)
+        def pread(self, offset, length):
+            if offset >= 2 * 4 * MiB:
+                raise SourceError("interrupted")
+            return super().pread(offset, length)
+
+    src = Interrupted(str(img))
+    with pytest.raises(SourceError):
+        BackupWriter(host_b, src, "vm-b", threads=1).run()
+    src.close()
+
+    for _day in range(2):
+        result = collect_garbage(host_a)
+        assert result.deleted == 0 and result.strays == 0 and len(result.foreign) == 1
+
+    src = FileSource(str(img))
+    vb = BackupWriter(host_b, src, "vm-b").run()  # resumes its pending version
+    src.close()
+    out = tmp_path / "out-b"
+    try:
+        restore(host_b, vb, FileTarget(str(out), vb.size))
+    except RestoreFailed as exc:
+        pytest.fail(f"host B's valid version lost blocks to host A's gc: {exc.result.errors[:2]}")
+    assert out.read_bytes() == img.read_bytes()
+
+
+def test_rebuild_db_brings_back_a_pending_version_to_resume(tmp_path):
+    """A pending version is in the store now: rebuild-db brings it back pending (no map), and the
+    next backup resumes it."""
+    repo = _repo(tmp_path)
+    img = tmp_path / "img"
+    img.write_bytes(os.urandom(12 * MiB))
+
+    class Interrupted(FileSource):
+        def pread(self, offset, length):
+            if offset >= 4 * MiB:
+                raise SourceError("interrupted")
+            return super().pread(offset, length)
+
+    source = Interrupted(str(img))
+    with pytest.raises(SourceError):
+        BackupWriter(repo, source, "vol", threads=1).run()
+    source.close()
+    pending = repo.db.versions(state="pending")[0]
+    repo.db.close()
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / "data" / f"backyfs.sqlite{suffix}").unlink(missing_ok=True)
+    repo = _repo(tmp_path)
+    result = repo.rebuild_db()
+    assert result["damaged"] == [] and [v.uid for v in repo.db.versions(state="pending")] == [pending.uid]
+    version = _backup(repo, str(img))
+    assert version.uid == pending.uid and version.state == "valid"
+    out = tmp_path / "out"
+    restore(repo, version, FileTarget(str(out), version.size))
+    assert out.read_bytes() == img.read_bytes()

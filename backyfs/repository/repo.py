@@ -285,15 +285,18 @@ class Repository:
         whose metadata is missing or damaged is left out (listed under "damaged") rather than
         failing the rest: recovering from the store alone is for stores that may be hurt."""
         uids = sorted(stored_versions(self.store)[0])
-        versions: list[tuple[Version, BlockMap]] = []
+        versions: list[tuple[Version, BlockMap | None]] = []
         damaged: list[str] = []
         for uid in uids:
             try:
                 meta_key = f"versions/{uid}/meta.json"
                 meta = json.loads(codec.decode(self.store.get(meta_key), meta_key))
+                version = Version.from_json(meta)
+                if version.state == "pending" and not self.store.exists(mapstore.map_key(uid)):
+                    versions.append((version, None))  # an unfinished backup: its next run resumes it
+                    continue
                 blockmap = BlockMap.from_bytes(mapstore.get_map(self.store, uid))
                 blockmap.check()
-                version = Version.from_json(meta)
                 if version.uid != uid or (blockmap.size, blockmap.block_size) != (version.size,
                                                                                   version.block_size):
                     raise CorruptObject("its metadata and block map disagree")
@@ -310,7 +313,7 @@ class Repository:
         with self.db.transaction():  # all or nothing: a killed rebuild leaves the database empty
             return self._fill_db(versions, blocks, damaged)
 
-    def _fill_db(self, versions: list[tuple[Version, BlockMap]], blocks: list[tuple[bytes, int]],
+    def _fill_db(self, versions: list[tuple[Version, BlockMap | None]], blocks: list[tuple[bytes, int]],
                  damaged: list[str]) -> dict:
         # Parents first, so foreign keys hold.
         versions.sort(key=lambda vb: vb[0].created)
@@ -319,12 +322,15 @@ class Repository:
             if version.parent not in known:
                 version.parent = None
             self.db.add_version(version)
-            self.db.put_blockmap(version.uid, blockmap)
+            if blockmap is not None:
+                self.db.put_blockmap(version.uid, blockmap)
         self.db.add_blocks(blocks)
         # A valid version whose map names an object the store lacks (e.g. gc ran after a lost rm)
         # is not restorable: say so, rather than rebuild it as valid.
         stored = {d for d, _ in blocks}
         for version, blockmap in versions:
+            if blockmap is None:
+                continue
             missing = blockmap.digest_set() - stored
             if missing and version.state == "valid":
                 self.db.update_version(version.uid, state="invalid")

@@ -203,12 +203,16 @@ class BackupWriter:
                 if self.snapshot:  # a resumed RBD backup reads its new snapshot
                     self.repo.db.update_version(pending.uid, snapshot=self.snapshot)
                     pending.snapshot = self.snapshot
+                self.repo.save_version(pending)  # (one made by an older backyfs was not in the store)
                 return pending
         self.resumed = None
         version = Version(uid=new_uid(), volume=self.volume, created=time.time(), size=self.source.size,
                           block_size=self.block_size, parent=parent_uid, labels=self.labels,
                           snapshot=self.snapshot)
         self.repo.db.add_version(version)
+        # In the store before any of its blocks: another host's gc sharing the store then sees a
+        # version it does not know and deletes nothing (its strays would be this backup's blocks).
+        self.repo.save_version(version)
         return version
 
     def _plan(self) -> _Plan:
