@@ -3,6 +3,7 @@ and go. The mounted file system itself is tested in test_fuse.py."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import trio
 import backyfs.fronts.fuse as fuse_front
 from backyfs.config import Config
 from backyfs.export.service import ExportService
+from backyfs.fronts.tree import IMAGE
 from backyfs.repository.writer import BackupWriter
 from backyfs.sources.file import FileSource
 
@@ -163,3 +165,37 @@ def test_an_idle_device_does_not_keep_its_version_from_rm(tmp_path: Path) -> Non
 
     trio.run(scenario)
     svc.close()
+
+
+def test_a_file_opened_while_its_last_handle_closes_holds_its_version(tmp_path: Path) -> None:
+    """release() of the last handle awaited the hold's drop; an open() the loop ran meanwhile got
+    the device without a hold, so rm removed the version under it (found by a review)."""
+    (tmp_path / "disk.img").write_bytes(os.urandom(4 * BS))
+    svc = ExportService(Config(data_dir=str(tmp_path / "data"), block_size=BS))
+    source = FileSource(str(tmp_path / "disk.img"))
+    version = BackupWriter(svc.repo, source, "vol", block_size=BS).run()
+    source.close()
+    ops = fuse_front.BackyfsOperations(svc)
+    result = {}
+
+    async def scenario() -> None:
+        await ops.refresh(force=True)
+        inode = next(n.inode for n in ops.tree.nodes.values() if n.kind == IMAGE)
+        fh1 = (await ops.open(inode, os.O_RDONLY)).fh
+        async with trio.open_nursery() as n:  # two FUSE requests in flight at once
+            n.start_soon(ops.release, fh1)
+            async def second_open():
+                await trio.sleep(0)
+                result["fh2"] = (await ops.open(inode, os.O_RDONLY)).fh
+            n.start_soon(second_open)
+        try:
+            svc.repo.delete_version(version)
+            result["rm"] = "removed while fh2 is open"
+        except Exception as exc:
+            result["rm"] = f"refused: {exc}"
+        await ops.release(result["fh2"])
+
+    trio.run(scenario)
+    ops.devices.close_all()
+    svc.close()
+    assert result["rm"].startswith("refused")

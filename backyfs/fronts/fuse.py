@@ -110,9 +110,10 @@ class Devices:
     async def get(self, uid: str, for_write: bool = False) -> Held:
         async with self.locks.setdefault(uid, trio.Lock()):  # one open (and overlay lock) per version
             held = self.held.get(uid)
-            if held is not None and uid in self.idle and held.device.hold is not None:
-                try:  # its hold was dropped while idle: the version may be gone
-                    await self.run(held.device.hold.take)
+            hold = held.device.hold if held is not None else None
+            if hold is not None and not hold.held:
+                try:  # dropped while idle: the version may be gone
+                    await self.run(hold.take)
                 except NotFound:
                     await self.close_unused({uid})
                     raise
@@ -129,13 +130,15 @@ class Devices:
         """The version's device has no handle left: keep the MAX_IDLE_DEVICES most recently used
         such devices open, close older ones. Browsing 600 versions kept all 600 open (441 MB of
         block maps; 2,418 fds with overlays, past the usual limit of 1,024)."""
-        held = self.held.get(uid)
-        if held is None or held.handles:
-            return
-        if held.device.hold is not None:  # an idle device must not keep rm from removing it
-            await self.run(held.device.hold.drop)
-        self.idle.pop(uid, None)
-        self.idle[uid] = None
+        async with self.locks.setdefault(uid, trio.Lock()):  # not beside get(), which takes the hold
+            held = self.held.get(uid)
+            if held is None or held.handles:  # (opened again meanwhile)
+                return
+            self.idle.pop(uid, None)
+            self.idle[uid] = None
+            hold = held.device.hold
+            if hold is not None and hold.held:  # an idle device must not keep rm from removing it
+                await self.run(hold.drop)
         while len(self.idle) > MAX_IDLE_DEVICES:
             oldest = next(iter(self.idle))
             del self.idle[oldest]
