@@ -336,7 +336,7 @@ def test_serve_background_prints_url_and_stops_clean(bk, image, uid, tmp_path):
     nh.run("nbdcopy", url, tmp_path / "r.img")
     assert nh.same_bytes(tmp_path / "r.img", image)
     proc = bk.run("serve", "vm1")
-    assert proc.returncode != 0 and "already listens" in proc.stderr  # one server per socket
+    assert proc.returncode != 0 and "already runs" in proc.stderr  # one server per socket
     os.kill(pid, signal.SIGTERM)
     assert nh.wait_gone([bk.socket, bk.pid_file])
     deadline = time.monotonic() + 10
@@ -506,3 +506,16 @@ def test_a_stopping_server_removes_only_its_own_socket_and_pid_file(tmp_path):
     theirs.write_text("B")  # B's, made after A recorded its own
     sup._cleanup()
     assert not mine.exists() and theirs.read_text() == "B"
+
+
+def test_a_second_serve_on_the_same_socket_is_refused_and_harms_nothing(bk, uid):
+    """Two serve commands started together on one socket both found it free; the one whose nbdkit
+    lost removed the winner's socket and pid file (found by a review). The first now claims it."""
+    srv = nh.serve(bk, uid)
+    try:
+        second = bk.run("serve", "--foreground", uid, timeout=60)
+        assert second.returncode == 1 and "a backyfs server already runs (or starts)" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert int(nh.run("nbdinfo", "--size", srv.url(uid)).stdout) > 0  # the first still serves
+    finally:
+        assert srv.stop()[0] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import re
 import secrets
@@ -282,7 +283,7 @@ class Supervisor:
                 st = os.lstat(path)
             except FileNotFoundError:
                 continue
-            if path not in self.made or self.made[path] == (st.st_dev, st.st_ino, st.st_ctime_ns):
+            if self.made.get(path) == (st.st_dev, st.st_ino, st.st_ctime_ns):  # never another's
                 _unlink(path)
 
 
@@ -357,6 +358,21 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 f"{base}.pid", f"{base}.log", [name for name, _uid in exports], args.writable)
 
 
+def claim_endpoint(plan: Plan) -> int:
+    """An exclusive flock on the server's base name (its pid file's, plus .lock), kept open for the
+    server's life: two serve commands started at once on one socket both found it free, and the one
+    whose nbdkit lost removed the winner's socket and pid file."""
+    lock_file = f"{plan.pid_file[: -len('.pid')]}.lock"
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BackyfsError(f"a backyfs server already runs (or starts) on {plan.endpoint.describe()} "
+                           f"(pid file {plan.pid_file})") from None
+    return fd
+
+
 def check_free(plan: Plan) -> None:
     """Refuse a socket a live server listens on; clear a stale one left by a killed server."""
     sock = plan.endpoint.socket
@@ -387,6 +403,7 @@ def report(plan: Plan, pid: int) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     plan = make_plan(args)
+    claim_endpoint(plan)  # held for the server's life (a daemon inherits it)
     check_free(plan)
     leftovers = [plan.pid_file] + ([plan.endpoint.socket] if plan.endpoint.socket else [])
     if args.foreground:

@@ -70,8 +70,9 @@ class ExportService:
         missing or corrupt fail their reads), for copying out what is intact."""
         with self.lock:  # the metadata connection is shared; keep opens serial
             version = self.resolve(name, valid_only)
-            hold = VersionHold(self.repo, version.uid)
-            hold.take()
+        hold = VersionHold(self.repo, version.uid)
+        hold.take()  # not under the lock: it waits while an rm removes this version, and other opens,
+        # and every writable close, need the lock (the database has its own)
         try:
             return self._open(version, hold, writable, overlay_name)
         except BaseException:

@@ -4,6 +4,7 @@ backup takes its volume's lock, and with it its RBD snapshot, before the reposit
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -84,20 +85,25 @@ def hold_reader(db_path: str, uid: str) -> int | None:
     cannot be made (read-only media, where nothing can remove a version either)."""
     try:
         fd = open_lock_file(db_path, _reader_lock_name(uid))
-    except OSError:
-        return None
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return None
+        raise BackyfsError(f"cannot hold version {uid} for reading: {exc.strerror}") from None  # EMFILE
     deadline = time.monotonic() + READER_WAIT
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                path = lock_path(db_path, _reader_lock_name(uid))
-                raise StateError(f"version {uid} has been being removed for {READER_WAIT:g} s (a stopped "
-                                 f"rm or prune? fuser -v {path})") from None
-            time.sleep(0.05)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    path = lock_path(db_path, _reader_lock_name(uid))
+                    raise StateError(f"version {uid} has been being removed for {READER_WAIT:g} s (a "
+                                     f"stopped rm or prune? fuser -v {path})") from None
+                time.sleep(0.05)
+    except BaseException:  # also Ctrl-C while waiting: no fd left behind
+        os.close(fd)
+        raise
 
 
 @contextlib.contextmanager

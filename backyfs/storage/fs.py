@@ -50,14 +50,15 @@ def map_readonly(fd: int, size: int) -> memoryview:
     flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
     addr = None if _lock_refused else _libc.mmap(None, size, mmap.PROT_READ, flags | _MAP_LOCKED, fd, 0)
     if addr is None or addr == _MAP_FAILED:
-        if not _lock_refused and ctypes.get_errno() in (errno.EAGAIN, errno.EPERM, errno.ENOMEM):
+        if not _lock_refused and ctypes.get_errno() in (errno.EAGAIN, errno.EPERM):  # the limit
             _lock_refused = True
         addr = _libc.mmap(None, size, mmap.PROT_READ, flags, fd, 0)
     if addr is None or addr == _MAP_FAILED:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     pages = (ctypes.c_char * size).from_address(addr)
-    weakref.finalize(pages, _libc.munmap, addr, size)  # views keep `pages` alive, not just the first
+    # Views keep `pages` alive, not just the first. Not at exit: a daemon thread may still read it.
+    weakref.finalize(pages, _libc.munmap, addr, size).atexit = False
     return memoryview(pages).cast("B").toreadonly()
 
 
