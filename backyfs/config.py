@@ -256,7 +256,10 @@ def _check_endpoint(url: str, where: str) -> None:
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
     except ValueError:
         raise ConfigError(f"{bad}, not {url!r}") from None
-    if not parts.hostname:
+    host = parts.hostname or ""
+    label = r"(?!-)[a-z0-9-]{1,63}(?<!-)"  # botocore's rule: it refuses others with a traceback
+    ipv6 = ":" in host and re.fullmatch(r"[0-9a-f:.]+", host)
+    if not (re.fullmatch(rf"({label}\.)*{label}", host) or ipv6):
         raise ConfigError(f"{bad}, not {url!r}")
 
 

@@ -135,6 +135,7 @@ def test_corrupt_store_object(repo_env: RepoEnv, image: Path, with_version: str,
     ("[store]\ntype = 's3'\nbucket = 'b'\nendpoint_url = 'http://127.0.0.1 :9000'\n",
      "endpoint_url must be http://HOST[:PORT] or https://HOST[:PORT], not 'http://127.0.0.1 :9000'"),
     ("[store]\ntype = 's3'\nbucket = 'b'\nendpoint_url = 'http://[::1'\n", "not 'http://[::1'"),
+    ("[store]\ntype = 's3'\nbucket = 'b'\nendpoint_url = 'http://minio_1:9000'\n", "not 'http://minio_1:9000'"),
     ("[store]\ntype = 's3'\nbucket = 'b'\nendpoint_url = 'https://admin:31415926@127.0.0.1:1'\n",
      "without credentials in it: use access_key and secret_key"),
     ("[store]\ntype = 's3'\nbucket = 'b'\nsecret_key = '31415926'\nendpoint_url = 'http://127.0.0.1:1'\n",
@@ -145,7 +146,7 @@ def test_corrupt_store_object(repo_env: RepoEnv, image: Path, with_version: str,
         "threads-0", "threads-word", "store-type", "store-key", "limit-word", "threads-bool",
         "compression-99", "cache-typo", "cache-negative", "cache-not-table", "s3-no-bucket",
         "s3-path-style-word", "s3-secret-not-echoed", "store-type-list", "s3-bad-bucket-name",
-        "s3-endpoint-no-scheme", "s3-endpoint-space", "s3-endpoint-bracket", "s3-endpoint-password",
+        "s3-endpoint-no-scheme", "s3-endpoint-space", "s3-endpoint-bracket", "s3-endpoint-underscore", "s3-endpoint-password",
         "s3-secret-without-key", "job-source-int", "job-keep-typo"])
 def test_wrong_config(tmp_path: Path, image: Path, config: str, message: str) -> None:
     cfg = tmp_path / "backyfs.toml"
