@@ -146,8 +146,8 @@ def test_corrupt_store_object(repo_env: RepoEnv, image: Path, with_version: str,
         "threads-0", "threads-word", "store-type", "store-key", "limit-word", "threads-bool",
         "compression-99", "cache-typo", "cache-negative", "cache-not-table", "s3-no-bucket",
         "s3-path-style-word", "s3-secret-not-echoed", "store-type-list", "s3-bad-bucket-name",
-        "s3-endpoint-no-scheme", "s3-endpoint-space", "s3-endpoint-bracket", "s3-endpoint-underscore", "s3-endpoint-password",
-        "s3-secret-without-key", "job-source-int", "job-keep-typo"])
+        "s3-endpoint-no-scheme", "s3-endpoint-space", "s3-endpoint-bracket", "s3-endpoint-underscore",
+        "s3-endpoint-password", "s3-secret-without-key", "job-source-int", "job-keep-typo"])
 def test_wrong_config(tmp_path: Path, image: Path, config: str, message: str) -> None:
     cfg = tmp_path / "backyfs.toml"
     cfg.write_text(f'data_dir = "{tmp_path / "data"}"\n{config}')
