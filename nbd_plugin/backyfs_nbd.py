@@ -161,7 +161,8 @@ def open(readonly: bool) -> ExportDevice:
             if name == uid:
                 raise
             raise NotFound(f"version {uid}, which {name!r} named when this server first opened it, is "
-                           "gone; restart the server to serve the volume's latest version") from None
+                           "gone or no longer valid; restart the server to serve the volume's latest "
+                           "version") from None
     except Exception as exc:
         _fail(exc)
 
