@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -241,3 +242,19 @@ def allocated_bytes(path: Path) -> int:
 
 def block_files(store_dir: Path) -> list[Path]:
     return [p for p in (store_dir / "blocks").glob("*/*") if ".tmp." not in p.name]
+
+
+@contextlib.contextmanager
+def tmpfs_mount(mnt: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at MNT (made here) with OPTIONS, unmounted after; skips the test without root."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)

@@ -15,7 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BACKYFS, BS, RepoEnv, Result, block_files, files_equal, read_block, write_image
+from conftest import (
+    BACKYFS,
+    BS,
+    RepoEnv,
+    Result,
+    block_files,
+    files_equal,
+    read_block,
+    tmpfs_mount,
+    write_image,
+)
 
 
 def assert_one_line_error(res: Result, *, rc: int | None = None, contains: str = "") -> None:
@@ -211,18 +221,8 @@ def test_restore_onto_existing_file_needs_force(repo_env: RepoEnv, image: Path, 
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
-    try:
+    with tmpfs_mount(tmp_path / "small", "size=20m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_full_disk(small_tmpfs: Path, tmp_path: Path) -> None:

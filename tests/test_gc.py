@@ -40,6 +40,23 @@ def _backup(repo, path, volume="vol"):
         source.close()
 
 
+def _interrupted_backup(repo, img, volume: str, at: int) -> None:
+    """A backup of IMG whose read at offset AT fails: it stops with its version pending."""
+
+    class Interrupted(FileSource):
+        def pread(self, offset, length):
+            if offset >= at:
+                raise SourceError("interrupted")
+            return super().pread(offset, length)
+
+    source = Interrupted(str(img))
+    try:
+        with pytest.raises(SourceError):
+            BackupWriter(repo, source, volume, threads=1).run()
+    finally:
+        source.close()
+
+
 def test_gc_deletes_only_unreferenced_blocks_in_two_phases(tmp_path):
     repo = _repo(tmp_path)
     a, b, c = (os.urandom(4 * MiB) for _ in range(3))
@@ -564,16 +581,7 @@ def test_another_hosts_interrupted_first_backup_keeps_its_blocks(tmp_path):
     img = tmp_path / "b.img"
     img.write_bytes(os.urandom(16 * MiB))
 
-    class Interrupted(FileSource):  # the 3rd block's read fails: the run stops (as on a timeout)
-        def pread(self, offset, length):
-            if offset >= 2 * 4 * MiB:
-                raise SourceError("interrupted")
-            return super().pread(offset, length)
-
-    src = Interrupted(str(img))
-    with pytest.raises(SourceError):
-        BackupWriter(host_b, src, "vm-b", threads=1).run()
-    src.close()
+    _interrupted_backup(host_b, img, "vm-b", at=2 * 4 * MiB)  # as on a start timeout
 
     for _day in range(2):
         result = collect_garbage(host_a)
@@ -597,16 +605,7 @@ def test_rebuild_db_brings_back_a_pending_version_to_resume(tmp_path):
     img = tmp_path / "img"
     img.write_bytes(os.urandom(12 * MiB))
 
-    class Interrupted(FileSource):
-        def pread(self, offset, length):
-            if offset >= 4 * MiB:
-                raise SourceError("interrupted")
-            return super().pread(offset, length)
-
-    source = Interrupted(str(img))
-    with pytest.raises(SourceError):
-        BackupWriter(repo, source, "vol", threads=1).run()
-    source.close()
+    _interrupted_backup(repo, img, "vol", at=4 * MiB)
     pending = repo.db.versions(state="pending")[0]
     repo.db.close()
     for suffix in ("", "-wal", "-shm"):

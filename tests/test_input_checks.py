@@ -4,7 +4,6 @@ and leaves nothing behind (no hidden restore file, no stuck process)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -13,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BACKYFS, RepoEnv, Result, write_image
+from conftest import BACKYFS, RepoEnv, Result, tmpfs_mount, write_image
 from test_bad_input import assert_one_line_error
 from test_ratelimit import FakeClock
 
@@ -34,18 +33,8 @@ def uid(repo_env: RepoEnv, tmp_path: Path) -> str:
 
 @pytest.fixture
 def read_only_dir(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
-    try:
+    with tmpfs_mount(tmp_path / "ro", "ro,size=1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_restore_target_that_appears_meanwhile_is_kept_and_named(repo_env: RepoEnv, uid: str, tmp_path: Path,
