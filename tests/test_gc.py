@@ -68,8 +68,10 @@ def test_gc_deletes_only_unreferenced_blocks_in_two_phases(tmp_path):
     preview = collect_garbage(repo, dry_run=True)  # says what the next run does, and does nothing
     assert (preview.deleted, preview.deleted_bytes) == (1, repo.db.block_info([block_digest(b)])
                                                         [block_digest(b)][0])
-    second = collect_garbage(repo)
+    calls: list[tuple[int, int]] = []
+    second = collect_garbage(repo, progress=lambda done, total: calls.append((done, total)))
     assert (second.deleted, second.deleted_bytes) == (preview.deleted, preview.deleted_bytes)
+    assert calls == [(1, 1)]  # what gc's progress bar draws
     assert second.deleted == 1 and second.deleted_bytes > 4 * MiB
     assert not repo.store.exists(block_key(block_digest(b)))
     out = tmp_path / "out"

@@ -64,7 +64,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from backyfs.repository.gc import collect_garbage
 
     repo = _repo(args)
-    result = collect_garbage(repo, dry_run=args.dry_run)
+    result = collect_garbage(repo, dry_run=args.dry_run, progress=Progress("gc: deleting", unit="objects"))
     if args.json:
         _print_json(result.__dict__)
         return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backyfs.errors import BackyfsError, CorruptObject, NotFound, ObjectMissing
@@ -58,13 +59,15 @@ def referenced_digests(repo: Repository) -> set[bytes]:
     return out
 
 
-def collect_garbage(repo: Repository, dry_run: bool = False) -> GcResult:
+def collect_garbage(repo: Repository, dry_run: bool = False,
+                    progress: Callable[[int, int], None] | None = None) -> GcResult:
+    """progress(objects deleted, objects to delete) during the delete phase."""
     damage = repo.db.damage()
     if damage:  # a damaged index can hide the versions that reference a block
         raise BackyfsError(f"the metadata database {repo.db.path} is damaged ({damage[0]}): gc deletes "
                            "nothing; move it aside and run 'backyfs rebuild-db'")
     with repo.activity_lock(exclusive=True) as alone:
-        return _collect(repo, dry_run, alone)
+        return _collect(repo, dry_run, alone, progress)
 
 
 def _unknown_versions(repo: Repository) -> tuple[set[str], set[str]]:
@@ -76,7 +79,8 @@ def _unknown_versions(repo: Repository) -> tuple[set[str], set[str]]:
     return with_meta - known, maps_only - known
 
 
-def _collect(repo: Repository, dry_run: bool, alone: bool) -> GcResult:
+def _collect(repo: Repository, dry_run: bool, alone: bool,
+             progress: Callable[[int, int], None] | None) -> GcResult:
     now = time.time()
     foreign, remnants = _unknown_versions(repo)
     alone = alone and not foreign  # their block maps may name any block: delete nothing
@@ -112,6 +116,8 @@ def _collect(repo: Repository, dry_run: bool, alone: bool) -> GcResult:
         repo.store.delete(block_key(digest))
         result.deleted += 1
         result.deleted_bytes += sizes.get(digest, (0, ""))[0]
+        if progress:
+            progress(result.deleted, len(doomed))
     repo.db.delete_blocks(doomed)
     # Stamped now, not at the start: a backup that started before this commit may count them stored.
     repo.db.condemn_blocks(fresh, time.time())
