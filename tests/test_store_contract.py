@@ -160,6 +160,7 @@ def test_list_by_prefix(store: ObjectStore) -> None:
     assert set(store.list("versions")) == {"versions/v1.json", "versions2/x"}
     assert set(store.list("nothing/")) == set()
     assert sorted(store.list()) == sorted(keys)  # each key once
+    assert dict(store.list_sizes("blocks/")) == {k: len(k) for k in keys if k.startswith("blocks/")}
 
 
 def test_missing_key(store: ObjectStore) -> None:

@@ -304,10 +304,10 @@ class Repository:
             except (ObjectMissing, CorruptObject, ValueError, TypeError, AttributeError) as exc:
                 damaged.append(f"{uid} (damaged metadata, left out: {exc})")
         blocks = []
-        for key in self.store.list("blocks/"):
+        for key, size in self.store.list_sizes("blocks/"):
             digest = digest_from_key(key)
             if digest is not None:
-                blocks.append((digest, self.store.size(key)))
+                blocks.append((digest, size))
         if not versions and not damaged:  # not a backyfs store (a wrong bucket, pool or prefix):
             return {"versions": 0, "objects": len(blocks), "damaged": []}  # index none of its objects
         with self.db.transaction():  # all or nothing: a killed rebuild leaves the database empty

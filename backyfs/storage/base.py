@@ -48,6 +48,17 @@ class ObjectStore(abc.ABC):
         """Stored size in bytes of key (raise ObjectMissing). Backends override this with a cheap stat."""
         return len(self.get(key))
 
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """(key, size) for every key starting with prefix. The default asks size() per key (one
+        request each); backends whose listing carries sizes (S3) override it."""
+        from backyfs.errors import ObjectMissing
+
+        for key in self.list(prefix):
+            try:
+                yield key, self.size(key)
+            except ObjectMissing:  # deleted since the listing
+                continue
+
     def get_split(self, key: str, head: int) -> tuple[bytes, bytes | memoryview]:
         """The value of key as (first `head` bytes, the rest). Backends that can read the two parts
         separately override this, so a caller needing just the rest gets it without a copy."""
@@ -100,6 +111,9 @@ class StoreWrapper(ObjectStore):
 
     def size(self, key: str) -> int:
         return self.inner.size(key)
+
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        return self.inner.list_sizes(prefix)
 
     def flush(self) -> None:
         self.inner.flush()
