@@ -9,7 +9,6 @@ Fronts (nbdkit, FUSE) call pread/pwrite/zero/trim/flush/extents from any thread.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator
@@ -21,7 +20,7 @@ from backyfs.export.memcopy import copy_into
 from backyfs.export.overlay import CLEAN, DIRTY, TRIMMED, Overlay
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import Version
-from backyfs.repository.repo import Repository, block_digest
+from backyfs.repository.repo import Repository, VersionHold, block_digest
 
 log = logging.getLogger(__name__)
 
@@ -111,28 +110,6 @@ class BlockFetcher:
     def close(self) -> None:
         # Queued readahead is dropped; running loads finish first, as the repository closes next.
         self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-class VersionHold:
-    """A device's claim on its version: rm and prune refuse to remove a version while one is held
-    (repository/locks.py), so gc cannot delete blocks a reader still needs. A FUSE device drops it
-    while no file is open and takes it again on the next open."""
-
-    def __init__(self, repo: Repository, uid: str) -> None:
-        self.repo, self.uid = repo, uid
-        self.fd: int | None = None
-        self.held = False
-
-    def take(self) -> None:
-        """NotFound if the version was removed meanwhile."""
-        if not self.held:
-            self.fd = self.repo.hold_reader(self.uid)  # None on read-only media: nothing removes it
-            self.held = True
-
-    def drop(self) -> None:
-        fd, self.fd, self.held = self.fd, None, False
-        if fd is not None:
-            os.close(fd)
 
 
 # 64 MiB of 4 MiB blocks: a cold nbdcopy of scripts/bench's 4 GiB version took 10% less time than

@@ -16,11 +16,12 @@ from collections.abc import Callable
 from backyfs.config import Config, open_repository
 from backyfs.errors import BackyfsError, NotFound
 from backyfs.export.cache import DiskCache, MemoryCache
-from backyfs.export.device import READAHEAD_BLOCKS, BlockFetcher, ExportDevice, VersionHold
+from backyfs.export.device import READAHEAD_BLOCKS, BlockFetcher, ExportDevice
 from backyfs.export.overlay import Overlay, discard_overlay, list_overlays
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import Version
 from backyfs.repository.extents import Extent
+from backyfs.repository.repo import VersionHold
 from backyfs.repository.writer import COMMIT_LABEL, BackupWriter
 
 log = logging.getLogger(__name__)

@@ -77,7 +77,7 @@ def _connect(path: str) -> tuple[sqlite3.Connection, int]:
     return conn, conn.execute("PRAGMA user_version").fetchone()[0]
 
 
-def _connect_read_only_media(path: str) -> sqlite3.Connection | None:
+def _connect_read_only_media(path: str) -> tuple[sqlite3.Connection, int] | None:
     """A cleanly closed database on a read-only filesystem (a backup disk mounted ro): SQLite
     cannot open a WAL database there without its -shm file, which only a writer makes. Nothing can
     change it, so it is opened immutable; not when a -wal file holds changes it would not see."""
@@ -90,8 +90,7 @@ def _connect_read_only_media(path: str) -> sqlite3.Connection | None:
         conn = sqlite3.connect(f"{pathlib.Path(os.path.abspath(path)).as_uri()}?immutable=1", uri=True,
                                check_same_thread=False, isolation_level=None)
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA user_version").fetchone()
-        return conn
+        return conn, conn.execute("PRAGMA user_version").fetchone()[0]
     except (OSError, sqlite3.DatabaseError):
         return None
 
@@ -112,11 +111,11 @@ class MetadataDB:
             makedirs_private(os.path.dirname(os.path.abspath(path)))
             conn, version = _connect(path)
         except sqlite3.DatabaseError as exc:
-            conn = _connect_read_only_media(path)
-            if conn is None:
+            opened = _connect_read_only_media(path)
+            if opened is None:
                 raise BackyfsError(f"cannot open metadata database {path}: {exc}"
                                    f"{_filesystem_trouble(path)}") from None
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            conn, version = opened
         if version > SCHEMA_VERSION:
             raise BackyfsError(f"{path} has schema version {version}; this backyfs knows {SCHEMA_VERSION}")
         try:

@@ -109,16 +109,16 @@ def hold_reader(db_path: str, uid: str) -> int | None:
 @contextlib.contextmanager
 def no_readers(db_path: str, uid: str) -> Iterator[None]:
     """Held while version UID is removed; StateError at once if a server is reading it."""
+    path = lock_path(db_path, _reader_lock_name(uid))
     fd = open_lock_file(db_path, _reader_lock_name(uid))
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise StateError(f"version {uid} is being read by a running server (backyfs serve, mount or "
-                             f"restore-file): stop it first (fuser -v "
-                             f"{lock_path(db_path, _reader_lock_name(uid))})") from None
+                             f"restore-file): stop it first (fuser -v {path})") from None
         yield
         with contextlib.suppress(OSError):  # removed: its lock file is of no more use
-            os.unlink(lock_path(db_path, _reader_lock_name(uid)))
+            os.unlink(path)
     finally:
         os.close(fd)

@@ -336,3 +336,25 @@ class Repository:
                 self.db.update_version(version.uid, state="invalid")
                 damaged.append(f"{version.uid} ({len(missing)} blocks missing: marked invalid)")
         return {"versions": len(versions), "objects": len(blocks), "damaged": damaged}
+
+
+class VersionHold:
+    """A reader's claim on a version: rm and prune refuse to remove a version while one is held
+    (repository/locks.py), so gc cannot delete blocks a reader still needs. Restores and export
+    devices hold one; a FUSE device drops it while no file is open and takes it again on reuse."""
+
+    def __init__(self, repo: Repository, uid: str) -> None:
+        self.repo, self.uid = repo, uid
+        self.fd: int | None = None
+        self.held = False
+
+    def take(self) -> None:
+        """NotFound if the version was removed meanwhile."""
+        if not self.held:
+            self.fd = self.repo.hold_reader(self.uid)  # None on read-only media: nothing removes it
+            self.held = True
+
+    def drop(self) -> None:
+        fd, self.fd, self.held = self.fd, None, False
+        if fd is not None:
+            os.close(fd)

@@ -7,7 +7,6 @@ its range is left as zeros, the rest is restored, and the caller gets a non-zero
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,7 +16,7 @@ from typing import Protocol
 from backyfs.errors import BackyfsError, CorruptObject, ObjectMissing
 from backyfs.metadata.blockmap import BlockMap
 from backyfs.metadata.db import Version
-from backyfs.repository.repo import Repository
+from backyfs.repository.repo import Repository, VersionHold
 from backyfs.storage.ratelimit import cancel_waits_on
 
 
@@ -57,12 +56,12 @@ class RestoreFailed(BackyfsError):
 
 def restore(repo: Repository, version: Version, target: RestoreTarget, *, threads: int = 4,
             progress: Callable[[int, int], None] | None = None) -> RestoreResult:
-    reader = repo.hold_reader(version.uid)  # no rm (and gc) of it while it is read
+    hold = VersionHold(repo, version.uid)  # no rm (and gc) of it while it is read
+    hold.take()
     try:
         return _restore(repo, version, target, threads=threads, progress=progress)
     finally:
-        if reader is not None:
-            os.close(reader)
+        hold.drop()
 
 
 def _restore(repo: Repository, version: Version, target: RestoreTarget, *, threads: int,
